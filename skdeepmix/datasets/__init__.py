@@ -1,0 +1,5 @@
+"""Data loaders (local paths only, nothing is downloaded) and toy data sets."""
+
+from ._mnist import load_fashion_mnist, load_mnist, read_idx
+
+__all__ = ["load_mnist", "load_fashion_mnist", "read_idx"]
