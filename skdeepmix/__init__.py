@@ -1,7 +1,10 @@
 """skdeepmix: scikit-learn compatible deep Gaussian-mixture estimators on PyTorch."""
 
 from ._base import BaseDeepMixture, TrainingDivergedError
+from .gaussian_mixture import GaussianMixture
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BaseDeepMixture", "TrainingDivergedError", "__version__"]
+__all__ = [
+    "GaussianMixture",
+    "BaseDeepMixture", "TrainingDivergedError", "__version__"]

@@ -91,8 +91,8 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         "random_state": ["random_state"],
         "warm_start": ["boolean"],
         "verbose": ["verbose"],
-        "device": ["no_validation"],  # checked by resolve_device
-        "dtype": ["no_validation"],  # checked by resolve_dtype
+        "device": "no_validation",  # checked by resolve_device
+        "dtype": "no_validation",  # checked by resolve_dtype
     }
 
     #: whether ``fit`` uses ``y`` (supervised parts, e.g. a classifier layer)
@@ -209,7 +209,8 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return torch.cat(outputs)
 
     def _prepare_inference(self, device):
-        """Hook: move fitted torch state to ``device`` before inference."""
+        """Hook: put the fitted state on ``device`` (before inference, or before
+        a ``warm_start`` fit continues from it)."""
 
     def _inference(self, fn, X):
         check_is_fitted(self)
@@ -268,6 +269,8 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1
+        if not do_init:
+            self._prepare_inference(device)  # continue from the fitted state
         best = None
         for init in range(n_init):
             if do_init:

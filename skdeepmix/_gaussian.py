@@ -1,0 +1,439 @@
+"""Log-space Gaussian densities and Gaussian-mixture statistics, in torch.
+
+All numerics of the package's Gaussian densities live here, in two sections:
+
+* full / tied / diag / spherical Gaussians in scikit-learn's parametrisation
+  (upper-triangular Cholesky factors of the precisions, ``precision = P Pᵀ``)
+  and the chunked sufficient statistics of EM (accumulated *centred*, never as
+  ``E[x²] − E[x]²`` around the origin, so that float32 cannot produce negative
+  variances), used by ``GaussianMixture`` and the deep models;
+* mixtures of factor analysers (MFA), ``Σ = A Aᵀ + diag(d)`` in the Woodbury
+  form, used by CPMM.
+
+Every function takes and returns tensors; shapes follow scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "COVARIANCE_TYPES",
+    "covariance_shape",
+    "precision_cholesky_from_covariances",
+    "precision_cholesky_from_precisions",
+    "precisions_from_cholesky",
+    "covariances_from_cholesky",
+    "log_det_cholesky",
+    "log_gaussian_prob",
+    "SufficientStatistics",
+    "mfa_log_prob",
+    "mfa_sample",
+    "mfa_covariances",
+]
+
+# ============================================================================
+# Gaussians in scikit-learn's parametrisation (full / tied / diag / spherical)
+# ============================================================================
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+_ILL_DEFINED = (
+    "Fitting the mixture model failed because some components have ill-defined "
+    "empirical covariance (for instance caused by singleton or collapsed samples). "
+    "Try to decrease the number of components, increase reg_covar, or scale the "
+    "input data."
+)
+
+
+def covariance_shape(covariance_type, n_components, n_features):
+    """Shape of ``covariances_``/``precisions_`` for a covariance type."""
+    return {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+
+
+def _ill_defined_error(dtype):
+    message = _ILL_DEFINED
+    if dtype == torch.float32:
+        message += " The accuracy can also be improved with dtype='float64'."
+    return ValueError(message)
+
+
+def precision_cholesky_from_covariances(covariances, covariance_type):
+    """Upper-triangular Cholesky factors of the precisions from covariances.
+
+    Parameters
+    ----------
+    covariances : Tensor
+        ``(K, d, d)`` full, ``(d, d)`` tied, ``(K, d)`` diag, ``(K,)`` spherical.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    precisions_cholesky : Tensor of the same shape
+        ``P`` with ``precision = P @ P.T`` (full/tied), or ``1 / sqrt(cov)``.
+
+    Raises
+    ------
+    ValueError
+        If a covariance is not positive definite, naming the remedies.
+    """
+    if covariance_type in ("full", "tied"):
+        cov_chol, info = torch.linalg.cholesky_ex(covariances)
+        if bool((info != 0).any()):
+            raise _ill_defined_error(covariances.dtype)
+        eye = torch.eye(
+            covariances.shape[-1], dtype=covariances.dtype, device=covariances.device
+        ).expand_as(cov_chol)
+        inverse = torch.linalg.solve_triangular(cov_chol, eye, upper=False)
+        return inverse.transpose(-1, -2)
+    if bool((covariances <= 0).any()):
+        raise _ill_defined_error(covariances.dtype)
+    return covariances.rsqrt()
+
+
+def precision_cholesky_from_precisions(precisions, covariance_type):
+    """Upper-triangular ``P`` with ``precision = P Pᵀ`` (or ``sqrt`` for diag)."""
+    if covariance_type in ("full", "tied"):
+        flipped = precisions.flip(-1, -2)
+        return torch.linalg.cholesky(flipped).flip(-1, -2)
+    return precisions.sqrt()
+
+
+def precisions_from_cholesky(precisions_cholesky, covariance_type):
+    """``P Pᵀ`` (full/tied) or ``P²`` (diag/spherical)."""
+    if covariance_type in ("full", "tied"):
+        return precisions_cholesky @ precisions_cholesky.transpose(-1, -2)
+    return precisions_cholesky.square()
+
+
+def covariances_from_cholesky(precisions_cholesky, covariance_type):
+    """Covariances from precision Cholesky factors (inverse of ``P Pᵀ``)."""
+    if covariance_type in ("full", "tied"):
+        eye = torch.eye(
+            precisions_cholesky.shape[-1],
+            dtype=precisions_cholesky.dtype,
+            device=precisions_cholesky.device,
+        ).expand_as(precisions_cholesky)
+        # cov = P^-T P^-1 with P upper triangular
+        inverse = torch.linalg.solve_triangular(precisions_cholesky, eye, upper=True)
+        return inverse @ inverse.transpose(-1, -2)
+    return precisions_cholesky.square().reciprocal()
+
+
+def log_det_cholesky(precisions_cholesky, covariance_type, n_features):
+    """``log det P`` per component (a scalar for tied), ``= -½ log det Σ``."""
+    if covariance_type == "full":
+        return torch.diagonal(precisions_cholesky, dim1=-2, dim2=-1).log().sum(-1)
+    if covariance_type == "tied":
+        return torch.diagonal(precisions_cholesky).log().sum()
+    if covariance_type == "diag":
+        return precisions_cholesky.log().sum(-1)
+    return n_features * precisions_cholesky.log()
+
+
+def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=None):
+    """Log-density of each sample under each Gaussian component.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n_samples, n_features)
+    means : Tensor of shape (n_components, n_features)
+    precisions_cholesky : Tensor
+        As returned by :func:`precision_cholesky_from_covariances`.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    center : Tensor of shape (n_features,), optional
+        A point subtracted from ``X`` and ``means`` first. The result is the
+        same; it keeps the expanded squares of diag/spherical accurate in
+        float32 when the data are far from the origin.
+
+    Returns
+    -------
+    log_prob : Tensor of shape (n_samples, n_components)
+
+    Notes
+    -----
+    'full' and 'tied' use ``O(n_samples · n_components · n_features)`` memory:
+    call this on row chunks.
+    """
+    n_samples, n_features = X.shape
+    n_components = means.shape[0]
+    if center is not None:
+        X = X - center
+        means = means - center
+    log_det = log_det_cholesky(precisions_cholesky, covariance_type, n_features)
+    if covariance_type == "full":
+        projected = X @ precisions_cholesky.permute(1, 0, 2).reshape(n_features, -1)
+        projected_means = torch.einsum("kd,kde->ke", means, precisions_cholesky)
+        diff = projected.view(n_samples, n_components, n_features) - projected_means
+        mahalanobis = diff.square().sum(-1)
+    elif covariance_type == "tied":
+        diff = (X @ precisions_cholesky)[:, None, :] - (means @ precisions_cholesky)
+        mahalanobis = diff.square().sum(-1)
+    elif covariance_type == "diag":
+        precisions = precisions_cholesky.square()
+        mahalanobis = (
+            (means.square() * precisions).sum(1)
+            - 2.0 * X @ (means * precisions).T
+            + X.square() @ precisions.T
+        )
+    else:
+        precisions = precisions_cholesky.square()
+        mahalanobis = (
+            means.square().sum(1) * precisions
+            - 2.0 * (X @ means.T) * precisions
+            + X.square().sum(1, keepdim=True) * precisions
+        )
+    mahalanobis = mahalanobis.clamp_min(0.0)
+    return -0.5 * (n_features * math.log(2 * math.pi) + mahalanobis) + log_det
+
+
+class SufficientStatistics:
+    """Chunk-wise accumulator of a mixture's EM sufficient statistics.
+
+    Sums are kept relative to reference points so that no large cancelling
+    terms appear: first moments around ``center`` (a point near the data, e.g.
+    the current mixture mean) and, for 'full', second moments around the
+    per-component ``reference_means`` (the current means). What cancellation
+    remains is measured by :meth:`mixture_parameters`; when it lost too many
+    digits (:meth:`needs_exact_pass`) the caller redoes the second moments
+    exactly centred on the new means (:meth:`add_exact`).
+
+    Parameters
+    ----------
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    reference_means : Tensor of shape (n_components, n_features)
+    center : Tensor of shape (n_features,)
+    """
+
+    def __init__(self, covariance_type, reference_means, center):
+        n_components, n_features = reference_means.shape
+        zeros = reference_means.new_zeros
+        self.covariance_type = covariance_type
+        self.center = center
+        self.reference = reference_means - center
+        self.sum_log_prob = 0.0
+        self.resp_sum = zeros(n_components)
+        self.first = zeros(n_components, n_features)
+        self.second = zeros(*_second_moment_shape(covariance_type, n_components, n_features))
+
+    def add(self, X, resp, log_prob_norm=None):
+        """Add rows ``X`` (n, d) with responsibilities ``resp`` (n, K)."""
+        Xc = X - self.center
+        if log_prob_norm is not None:
+            self.sum_log_prob += float(log_prob_norm.sum())
+        self.resp_sum += resp.sum(0)
+        self.first += resp.T @ Xc
+        if self.covariance_type == "full":
+            centred = Xc[None, :, :] - self.reference[:, None, :]
+            self.second += (centred * resp.T[:, :, None]).transpose(1, 2) @ centred
+        elif self.covariance_type == "tied":
+            self.second += Xc.T @ Xc
+        else:
+            self.second += resp.T @ Xc.square()
+
+    def add_exact(self, X, resp, means):
+        """Add second moments of rows ``X`` exactly centred on ``means``."""
+        centred = X[None, :, :] - means[:, None, :]
+        weighted = centred * resp.T[:, :, None]
+        if self.covariance_type in ("full", "tied"):
+            second = weighted.transpose(1, 2) @ centred
+            self.second += second if self.covariance_type == "full" else second.sum(0)
+        else:
+            self.second += (weighted * centred).sum(1)
+        self._exact = True
+
+    def reset_second_moments(self):
+        """Forget the second moments (before an exact pass)."""
+        self.second.zero_()
+
+    def mixture_parameters(self, reg_covar):
+        """Component sizes, means and covariances, as scikit-learn computes them.
+
+        Parameters
+        ----------
+        reg_covar : float
+
+        Returns
+        -------
+        nk : Tensor of shape (K,)
+            ``Σ_i resp_ik + 10 eps`` (scikit-learn's convention).
+        means : Tensor of shape (K, d)
+        covariances : Tensor
+            Shape given by :func:`covariance_shape`, ``reg_covar`` added.
+        loss_of_precision : float
+            Largest ratio of a raw second moment to the variance derived from it
+            (``inf`` when a variance came out non-positive).
+        """
+        eps = torch.finfo(self.first.dtype).eps
+        nk = self.resp_sum + 10 * eps
+        means_c = self.first / nk[:, None]
+        n_features = means_c.shape[1]
+        exact = getattr(self, "_exact", False)
+        if self.covariance_type == "full":
+            raw = self.second / nk[:, None, None]
+            delta = means_c - self.reference
+            cov = raw if exact else raw - delta[:, :, None] * delta[:, None, :]
+            raw_diag = torch.diagonal(raw, dim1=1, dim2=2)
+            cov_diag = torch.diagonal(cov, dim1=1, dim2=2)
+        elif self.covariance_type == "tied":
+            raw = self.second / nk.sum()
+            cov = raw if exact else raw - (nk[:, None] * means_c).T @ means_c / nk.sum()
+            raw_diag, cov_diag = torch.diagonal(raw), torch.diagonal(cov)
+        else:
+            raw = self.second / nk[:, None]
+            cov = raw if exact else raw - means_c.square()
+            raw_diag, cov_diag = raw, cov
+        tiny = torch.finfo(raw.dtype).tiny
+        ratio = torch.where(cov_diag > 0, raw_diag / cov_diag.clamp_min(tiny), torch.inf)
+        ratio = torch.where(raw_diag > 0, ratio, torch.ones_like(ratio))
+        loss_of_precision = float(ratio.max())
+        if self.covariance_type in ("full", "tied"):
+            cov = cov + reg_covar * torch.eye(n_features, dtype=cov.dtype, device=cov.device)
+        else:
+            cov = cov + reg_covar
+            if self.covariance_type == "spherical":
+                cov = cov.mean(1)
+        return nk, means_c + self.center, cov, loss_of_precision
+
+    def needs_exact_pass(self, loss_of_precision):
+        """Whether the cancellation lost more than half the digits."""
+        eps = torch.finfo(self.first.dtype).eps
+        return not getattr(self, "_exact", False) and not (
+            loss_of_precision < 1.0 / math.sqrt(eps)
+        )
+
+
+def _second_moment_shape(covariance_type, n_components, n_features):
+    if covariance_type == "full":
+        return (n_components, n_features, n_features)
+    if covariance_type == "tied":
+        return (n_features, n_features)
+    return (n_components, n_features)
+
+
+# ============================================================================
+# Mixture of factor analysers (Woodbury identity / matrix determinant lemma)
+# ============================================================================
+def _mfa_precompute(loadings, log_noise_var):
+    """Quantities shared by all samples: D^-1 A, chol(I + A^T D^-1 A), log|Sigma|."""
+    inv_d = torch.exp(-log_noise_var)  # (K, D)
+    scaled = loadings * inv_d[..., None]  # (K, D, R) = D^-1 A
+    rank = loadings.shape[-1]
+    eye = torch.eye(rank, dtype=loadings.dtype, device=loadings.device)
+    inner = eye + loadings.transpose(-1, -2) @ scaled  # (K, R, R)
+    chol, info = torch.linalg.cholesky_ex(inner)
+    if bool((info != 0).any()):
+        raise ValueError(
+            "The factor-analyser matrix I + A^T D^-1 A is not positive definite "
+            "(numerical breakdown). Use dtype='float64', a larger minimum noise "
+            "variance or smaller loadings."
+        )
+    log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    log_det = log_det + log_noise_var.sum(-1)  # (K,)
+    return inv_d, scaled, chol, log_det
+
+
+def mfa_log_prob(X, means, loadings, log_noise_var):
+    """Log-density of every sample under every factor-analyser component.
+
+    Component ``k`` is ``N(x; mu_k, A_k A_k^T + diag(d_k))``. The Mahalanobis
+    term uses the Woodbury identity and the log-determinant the matrix
+    determinant lemma with a Cholesky factor of ``L_k = I + A_k^T D_k^-1 A_k``,
+    so the cost is ``O(n K D R + K D R^2)`` and no ``D x D`` matrix and no
+    ``(n, K, D)`` tensor is formed.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n_samples, n_features)
+    means : Tensor of shape (n_components, n_features)
+    loadings : Tensor of shape (n_components, n_features, rank)
+        Factor loadings ``A_k``.
+    log_noise_var : Tensor of shape (n_components, n_features)
+        ``log d_k``, the log of the diagonal noise variances.
+
+    Returns
+    -------
+    log_prob : Tensor of shape (n_samples, n_components)
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.zeros(2, 3)
+    >>> mfa_log_prob(X, torch.zeros(1, 3), torch.zeros(1, 3, 1),
+    ...              torch.zeros(1, 3)).shape
+    torch.Size([2, 1])
+    """
+    n_features = X.shape[1]
+    inv_d, scaled, chol, log_det = _mfa_precompute(loadings, log_noise_var)
+    # r^T D^-1 r expanded: x^2 . d^-1 - 2 x . (mu d^-1) + mu^2 . d^-1
+    quad = (
+        (X * X) @ inv_d.T
+        - 2.0 * X @ (means * inv_d).T
+        + (means * means * inv_d).sum(-1)
+    )  # (n, K)
+    # b = A^T D^-1 r  (n, K, R)
+    proj = torch.einsum("nd,kdr->nkr", X, scaled) - torch.einsum(
+        "kd,kdr->kr", means, scaled
+    )
+    # b^T L^-1 b = |chol^-1 b|^2
+    solved = torch.linalg.solve_triangular(
+        chol.unsqueeze(0), proj.unsqueeze(-1), upper=False
+    ).squeeze(-1)
+    maha = quad - (solved * solved).sum(-1)
+    maha = maha.clamp_min(0.0)
+    return -0.5 * (n_features * math.log(2.0 * math.pi) + log_det + maha)
+
+
+def mfa_covariances(loadings, log_noise_var):
+    """Dense covariances ``A A^T + diag(d)`` (for tests and small problems only).
+
+    Parameters
+    ----------
+    loadings : Tensor of shape (n_components, n_features, rank)
+    log_noise_var : Tensor of shape (n_components, n_features)
+
+    Returns
+    -------
+    covariances : Tensor of shape (n_components, n_features, n_features)
+    """
+    return loadings @ loadings.transpose(-1, -2) + torch.diag_embed(
+        torch.exp(log_noise_var)
+    )
+
+
+def mfa_sample(means, loadings, log_noise_var, components, generator):
+    """Draw one sample from each requested factor-analyser component.
+
+    ``x = mu_k + A_k z + sqrt(d_k) * eps`` with ``z ~ N(0, I_R)``,
+    ``eps ~ N(0, I_D)``.
+
+    Parameters
+    ----------
+    means : Tensor of shape (n_components, n_features)
+    loadings : Tensor of shape (n_components, n_features, rank)
+    log_noise_var : Tensor of shape (n_components, n_features)
+    components : LongTensor of shape (n_samples,)
+        Component index of each sample.
+    generator : torch.Generator
+
+    Returns
+    -------
+    X : Tensor of shape (n_samples, n_features)
+    """
+    n = components.shape[0]
+    n_features, rank = loadings.shape[1], loadings.shape[2]
+    opts = dict(dtype=means.dtype, device=means.device, generator=generator)
+    z = torch.randn(n, rank, **opts)
+    eps = torch.randn(n, n_features, **opts)
+    A = loadings[components]
+    return (
+        means[components]
+        + (A @ z.unsqueeze(-1)).squeeze(-1)
+        + torch.exp(0.5 * log_noise_var[components]) * eps
+    )

@@ -1,0 +1,403 @@
+"""A torch EM Gaussian mixture with exactly scikit-learn's API and results."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.utils import check_array
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from . import _gaussian as G
+from ._base import BaseDeepMixture
+from ._kmeans import kmeans, kmeans_plusplus
+from ._torch_utils import iter_row_chunks, to_numpy, to_tensor
+
+__all__ = ["GaussianMixture"]
+
+_PARAMETER_NAMES = ("weights", "means", "covariances", "precisions_cholesky")
+
+
+class GaussianMixture(BaseDeepMixture):
+    """Gaussian mixture fitted by EM in torch: a drop-in for scikit-learn's.
+
+    Same constructor parameters, defaults, fitted attributes and methods as
+    :class:`sklearn.mixture.GaussianMixture` (and, with the same initial
+    parameters in float64, the same results), plus ``device``, ``dtype`` and
+    ``chunk_size``. The E-step and the sufficient statistics are accumulated
+    over chunks of rows, so memory is bounded by ``chunk_size``, not by
+    ``n_samples``; statistics are accumulated centred, so float32 is safe.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+        The number of mixture components.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
+        The type of covariance parameters.
+    tol : float, default=1e-3
+        Convergence threshold on the change of the mean log-likelihood.
+    reg_covar : float, default=1e-6
+        Non-negative regularisation added to the diagonal of covariances.
+    max_iter : int, default=100
+        The number of EM iterations to perform.
+    n_init : int, default=1
+        The number of initialisations; the best result is kept.
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default='kmeans'
+        How the responsibilities are initialised (k-means runs in torch on the
+        same device).
+    weights_init : array-like of shape (n_components,), default=None
+    means_init : array-like of shape (n_components, n_features), default=None
+    precisions_init : array-like, default=None
+        Shape ``(n_components, n_features, n_features)`` for 'full',
+        ``(n_features, n_features)`` for 'tied', ``(n_components, n_features)``
+        for 'diag', ``(n_components,)`` for 'spherical'.
+    random_state : int, RandomState instance or None, default=None
+        Seeds a :class:`torch.Generator` used for initialisation and sampling.
+    warm_start : bool, default=False
+        Continue from the previous fit on the next call to ``fit``.
+    verbose : int, default=0
+        1 shows a progress bar; 2 also prints every ``verbose_interval`` iterations.
+    verbose_interval : int, default=10
+    device : {'auto', 'cpu', 'cuda', 'cuda:N'} or torch.device, default='auto'
+        'auto' uses CUDA when available.
+    dtype : {'float64', 'float32'}, default='float64'
+        Precision of the computation and of the fitted attributes. float64
+        reproduces scikit-learn; float32 is about twice as fast.
+    chunk_size : int, default=None
+        Rows processed at once. ``None`` picks a size that keeps temporaries
+        around 64 MiB.
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    covariances_ : ndarray
+    precisions_ : ndarray
+    precisions_cholesky_ : ndarray
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood of the best run (E-step of its last iteration).
+    lower_bounds_ : list of float
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Only when ``X`` has string feature names.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdeepmix import GaussianMixture
+    >>> X = np.array([[1, 2], [1, 4], [1, 0], [10, 2], [10, 4], [10, 0]])
+    >>> gm = GaussianMixture(n_components=2, random_state=0).fit(X)
+    >>> np.sort(gm.means_[:, 0])
+    array([ 1., 10.])
+    >>> gm.predict([[0, 0], [12, 3]]).tolist() in ([0, 1], [1, 0])
+    True
+    """
+
+    _parameter_constraints: dict = {
+        **BaseDeepMixture._parameter_constraints,
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "covariance_type": [StrOptions(set(G.COVARIANCE_TYPES))],
+        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "init_params": [StrOptions({"kmeans", "k-means++", "random", "random_from_data"})],
+        "weights_init": ["array-like", None],
+        "means_init": ["array-like", None],
+        "precisions_init": ["array-like", None],
+        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
+        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+    }
+
+    def __init__(
+        self,
+        n_components=1,
+        *,
+        covariance_type="full",
+        tol=1e-3,
+        reg_covar=1e-6,
+        max_iter=100,
+        n_init=1,
+        init_params="kmeans",
+        weights_init=None,
+        means_init=None,
+        precisions_init=None,
+        random_state=None,
+        warm_start=False,
+        verbose=0,
+        verbose_interval=10,
+        device="auto",
+        dtype="float64",
+        chunk_size=None,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.device = device
+        self.dtype = dtype
+        self.chunk_size = chunk_size
+
+    # ------------------------------------------------------------ validation
+    def _check_parameters(self, X):
+        n_samples, n_features = X.shape
+        if n_samples < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components but got n_components = "
+                f"{self.n_components}, n_samples = {n_samples}"
+            )
+        self._weights_init = self._means_init = self._precisions_init = None
+        if self.weights_init is not None:
+            self._weights_init = _check_weights(self.weights_init, self.n_components)
+        if self.means_init is not None:
+            self._means_init = _check_means(self.means_init, self.n_components, n_features)
+        if self.precisions_init is not None:
+            self._precisions_init = _check_precisions(
+                self.precisions_init, self.covariance_type, self.n_components, n_features
+            )
+
+    def _work_per_row(self):
+        return self.n_components * (self.n_features_in_ + 2)
+
+    def _rows_per_chunk(self):
+        if self.chunk_size is not None:
+            return int(self.chunk_size)
+        # ~64 MiB of float64 temporaries per chunk
+        return int(min(max(2**23 // self._work_per_row(), 512), 2**17))
+
+    # -------------------------------------------------------- initialisation
+    def _initialize(self, X, generator, y=None):
+        n_samples = X.shape[0]
+        tensor = lambda a: to_tensor(a, X.device, X.dtype)  # noqa: E731
+        if all(p is not None for p in (self._weights_init, self._means_init, self._precisions_init)):
+            params = {}
+        else:
+            nk, means, covariances = self._parameters_from_responsibilities(
+                X, self._initial_responsibilities(X, generator)
+            )
+            params = {"weights": nk / n_samples, "means": means, "covariances": covariances}
+        if self._weights_init is not None:
+            params["weights"] = tensor(self._weights_init)
+        if self._means_init is not None:
+            params["means"] = tensor(self._means_init)
+        if self._precisions_init is None:
+            params["precisions_cholesky"] = G.precision_cholesky_from_covariances(
+                params["covariances"], self.covariance_type
+            )
+        else:
+            chol = G.precision_cholesky_from_precisions(
+                tensor(self._precisions_init), self.covariance_type
+            )
+            params["precisions_cholesky"] = chol
+            params["covariances"] = G.covariances_from_cholesky(chol, self.covariance_type)
+        self._params = params
+
+    def _initial_responsibilities(self, X, generator):
+        """A function ``rows -> resp`` (so that no (n, K) matrix is stored)."""
+        n_samples, K = X.shape[0], self.n_components
+        chunk = self._rows_per_chunk()
+        if self.init_params == "kmeans":
+            _, labels = kmeans(X, K, generator, chunk_size=chunk)
+            return lambda rows: _one_hot(labels[rows], K, X.dtype)
+        if self.init_params == "random":
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=X.device))
+
+            def random_resp(rows):
+                local = torch.Generator(device=X.device)
+                local.manual_seed(seed + rows.start)
+                resp = torch.rand(
+                    rows.stop - rows.start, K, generator=local, device=X.device, dtype=X.dtype
+                )
+                return resp / resp.sum(1, keepdim=True)
+
+            return random_resp
+        if self.init_params == "random_from_data":
+            indices = torch.randperm(n_samples, generator=generator, device=X.device)[:K]
+        else:  # k-means++
+            _, indices = kmeans_plusplus(X, K, generator, chunk_size=chunk)
+        return lambda rows: _one_hot_at(indices, rows, K, X.dtype, X.device)
+
+    def _parameters_from_responsibilities(self, X, resp_of_rows):
+        center = X[: min(X.shape[0], 4096)].mean(0)
+        stats = G.SufficientStatistics(
+            self.covariance_type,
+            center.expand(self.n_components, -1),
+            center,
+        )
+        chunks = list(iter_row_chunks(X.shape[0], self._rows_per_chunk()))
+        for rows in chunks:
+            stats.add(X[rows], resp_of_rows(rows))
+        nk, means, covariances, loss = stats.mixture_parameters(self.reg_covar)
+        if stats.needs_exact_pass(loss):
+            stats.reset_second_moments()
+            for rows in chunks:
+                stats.add_exact(X[rows], resp_of_rows(rows), means)
+            nk, means, covariances, _ = stats.mixture_parameters(self.reg_covar)
+        return nk, means, covariances
+
+    # ------------------------------------------------------------------- EM
+    def _fit_iteration(self, X, generator, y=None):
+        """One E-step + M-step; returns the E-step's mean log-likelihood."""
+        params = self._params
+        center = params["weights"] @ params["means"]
+        stats = G.SufficientStatistics(self.covariance_type, params["means"], center)
+        chunks = list(iter_row_chunks(X.shape[0], self._rows_per_chunk()))
+        for rows in chunks:
+            log_prob_norm, log_resp = self._estimate_log_prob_resp(X[rows])
+            stats.add(X[rows], log_resp.exp(), log_prob_norm)
+        mean_log_likelihood = stats.sum_log_prob / X.shape[0]
+        nk, means, covariances, loss = stats.mixture_parameters(self.reg_covar)
+        if stats.needs_exact_pass(loss):
+            stats.reset_second_moments()
+            for rows in chunks:
+                _, log_resp = self._estimate_log_prob_resp(X[rows])
+                stats.add_exact(X[rows], log_resp.exp(), means)
+            nk, means, covariances, _ = stats.mixture_parameters(self.reg_covar)
+        self._params = {
+            "weights": nk / nk.sum(),
+            "means": means,
+            "covariances": covariances,
+            "precisions_cholesky": G.precision_cholesky_from_covariances(
+                covariances, self.covariance_type
+            ),
+        }
+        return mean_log_likelihood
+
+    def _estimate_weighted_log_prob(self, X):
+        params = self._params
+        center = params["weights"] @ params["means"]
+        log_prob = G.log_gaussian_prob(
+            X, params["means"], params["precisions_cholesky"], self.covariance_type, center
+        )
+        return log_prob + params["weights"].log()
+
+    # ------------------------------------------------------- state handling
+    def _get_state(self):
+        return {name: value.clone() for name, value in self._params.items()}
+
+    def _set_state(self, state):
+        self._params = state
+        for name in _PARAMETER_NAMES:
+            setattr(self, name + "_", to_numpy(state[name]))
+        self.precisions_ = to_numpy(
+            G.precisions_from_cholesky(state["precisions_cholesky"], self.covariance_type)
+        )
+
+    def _prepare_inference(self, device):
+        dtype = self._torch_dtype()
+        self._params = {
+            name: to_tensor(getattr(self, name + "_"), device, dtype)
+            for name in _PARAMETER_NAMES
+        }
+
+    # ------------------------------------------------------------- sampling
+    def _sample(self, n_samples, generator):
+        params = self._params
+        weights, means = params["weights"], params["means"]
+        labels = torch.multinomial(weights, n_samples, replacement=True, generator=generator)
+        labels = labels.sort().values
+        noise = torch.randn(
+            n_samples, means.shape[1], generator=generator, device=means.device, dtype=means.dtype
+        )
+        chol = params["precisions_cholesky"]
+        counts = torch.bincount(labels, minlength=self.n_components).tolist()
+        offsets, start = [], 0
+        for k, count in enumerate(counts):
+            z = noise[start : start + count]
+            start += count
+            if self.covariance_type in ("full", "tied"):
+                # x - mu = P^-T z, since precision = P P^T with P upper triangular
+                factor = chol[k] if self.covariance_type == "full" else chol
+                offsets.append(torch.linalg.solve_triangular(factor.T, z.T, upper=False).T)
+            else:
+                offsets.append(z / chol[k])
+        return means[labels] + torch.cat(offsets), labels
+
+    def _n_parameters(self):
+        n_features = self.means_.shape[1]
+        K = self.n_components
+        cov_params = {
+            "full": K * n_features * (n_features + 1) / 2.0,
+            "diag": K * n_features,
+            "tied": n_features * (n_features + 1) / 2.0,
+            "spherical": K,
+        }[self.covariance_type]
+        return int(cov_params + n_features * K + K - 1)
+
+
+# ----------------------------------------------------------------- helpers
+def _one_hot(labels, n_components, dtype):
+    return torch.nn.functional.one_hot(labels, n_components).to(dtype)
+
+
+def _one_hot_at(indices, rows, n_components, dtype, device):
+    """Responsibilities of rows ``rows``: 1 at (indices[k], k), 0 elsewhere."""
+    resp = torch.zeros(rows.stop - rows.start, n_components, dtype=dtype, device=device)
+    inside = (indices >= rows.start) & (indices < rows.stop)
+    columns = torch.nonzero(inside).flatten()
+    resp[indices[columns] - rows.start, columns] = 1.0
+    return resp
+
+
+def _check_shape(array, shape, name):
+    if array.shape != tuple(shape):
+        raise ValueError(
+            f"The parameter '{name}' should have the shape of {tuple(shape)}, "
+            f"but got {array.shape}"
+        )
+
+
+def _check_weights(weights, n_components):
+    weights = check_array(weights, dtype=[np.float64, np.float32], ensure_2d=False)
+    _check_shape(weights, (n_components,), "weights")
+    if (weights < 0).any() or (weights > 1).any():
+        raise ValueError(
+            "The parameter 'weights' should be in the range [0, 1], but got max "
+            f"value {weights.max():.5f}, min value {weights.min():.5f}"
+        )
+    atol = 1e-6 if weights.dtype == np.float32 else 1e-8
+    if abs(1.0 - weights.sum()) > atol:
+        raise ValueError(
+            "The parameter 'weights' should be normalized, but got "
+            f"sum(weights) = {weights.sum():.5f}"
+        )
+    return weights
+
+
+def _check_means(means, n_components, n_features):
+    means = check_array(means, dtype=[np.float64, np.float32], ensure_2d=False)
+    _check_shape(means, (n_components, n_features), "means")
+    return means
+
+
+def _check_precisions(precisions, covariance_type, n_components, n_features):
+    precisions = check_array(
+        precisions,
+        dtype=[np.float64, np.float32],
+        ensure_2d=False,
+        allow_nd=covariance_type == "full",
+    )
+    shape = G.covariance_shape(covariance_type, n_components, n_features)
+    _check_shape(precisions, shape, f"{covariance_type} precision")
+    if covariance_type in ("diag", "spherical"):
+        if (precisions <= 0).any():
+            raise ValueError(f"'{covariance_type} precision' should be positive")
+        return precisions
+    matrices = precisions if covariance_type == "full" else precisions[None]
+    for matrix in matrices:
+        symmetric = np.allclose(matrix, matrix.T)
+        if not (symmetric and (np.linalg.eigvalsh(matrix) > 0).all()):
+            raise ValueError(
+                f"'{covariance_type} precision' should be symmetric, positive-definite"
+            )
+    return precisions
