@@ -267,8 +267,8 @@ class SufficientStatistics:
         covariances : Tensor
             Shape given by :func:`covariance_shape`, ``reg_covar`` added.
         loss_of_precision : float
-            Largest ratio of a raw second moment to the variance derived from it
-            (``inf`` when a variance came out non-positive).
+            Largest ratio of a raw second moment to the regularised variance
+            derived from it: rounding lost about ``log10`` of it in digits.
         """
         eps = torch.finfo(self.first.dtype).eps
         nk = self.resp_sum + 10 * eps
@@ -289,10 +289,9 @@ class SufficientStatistics:
             raw = self.second / nk[:, None]
             cov = raw if exact else raw - means_c.square()
             raw_diag, cov_diag = raw, cov
-        tiny = torch.finfo(raw.dtype).tiny
-        ratio = torch.where(cov_diag > 0, raw_diag / cov_diag.clamp_min(tiny), torch.inf)
-        ratio = torch.where(raw_diag > 0, ratio, torch.ones_like(ratio))
-        loss_of_precision = float(ratio.max())
+        # rounding error of the difference ~ eps * raw, relative to what is kept
+        floor = max(float(reg_covar), torch.finfo(raw.dtype).tiny)
+        loss_of_precision = float((raw_diag / (cov_diag.clamp_min(0.0) + floor)).max())
         if self.covariance_type in ("full", "tied"):
             cov = cov + reg_covar * torch.eye(n_features, dtype=cov.dtype, device=cov.device)
         else:

@@ -2,7 +2,9 @@
 
 Used to initialise the mixtures on the same device as the data, seeded by a
 :class:`torch.Generator`. Memory is bounded by the chunk size (plus one float
-and one label per sample).
+and one label per sample). Distances are computed on data shifted by its mean,
+so that ``|x|² - 2 x·c + |c|²`` does not cancel catastrophically in float32
+for data far from the origin.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def _sample_proportional(weights_cumsum, n_draws, generator):
     return index.clamp_(max=weights_cumsum.numel() - 1)
 
 
+def _data_mean(X, chunk_size):
+    total = torch.zeros(X.shape[1], dtype=X.dtype, device=X.device)
+    for rows in iter_row_chunks(X.shape[0], chunk_size):
+        total += X[rows].sum(0)
+    return total / X.shape[0]
+
+
 def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536):
     """Greedy k-means++ seeding (Arthur & Vassilvitskii, with local trials).
 
@@ -49,10 +58,11 @@ def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536):
         Rows of ``X`` chosen as centers.
     """
     n_samples = X.shape[0]
+    shift = _data_mean(X, chunk_size)
     n_trials = 2 + int(math.log(n_clusters))
     first = int(torch.randint(n_samples, (1,), generator=generator, device=X.device))
     indices = [first]
-    closest = _min_sq_dist_to(X, X[first : first + 1], chunk_size)
+    closest = _min_sq_dist_to(X, X[first : first + 1], chunk_size, shift)
     for _ in range(1, n_clusters):
         cumsum = torch.cumsum(closest, 0)
         if float(cumsum[-1]) <= 0:  # fewer distinct points than clusters
@@ -63,32 +73,37 @@ def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536):
             candidates = _sample_proportional(cumsum, n_trials, generator)
         potentials = torch.zeros(n_trials, dtype=X.dtype, device=X.device)
         cand = X[candidates]
-        cand_sq = cand.square().sum(1)
+        cand_shifted = cand - shift
+        cand_sq = cand_shifted.square().sum(1)
         for rows in iter_row_chunks(n_samples, chunk_size):
-            d2 = _squared_distances(X[rows], cand, cand_sq)
+            d2 = _squared_distances(X[rows] - shift, cand_shifted, cand_sq)
             potentials += torch.minimum(d2, closest[rows, None]).sum(0)
         best = int(torch.argmin(potentials))
         indices.append(int(candidates[best]))
-        closest = torch.minimum(closest, _min_sq_dist_to(X, cand[best : best + 1], chunk_size))
+        closest = torch.minimum(
+            closest, _min_sq_dist_to(X, cand[best : best + 1], chunk_size, shift)
+        )
     indices = torch.tensor(indices, device=X.device)
     return X[indices].clone(), indices
 
 
-def _min_sq_dist_to(X, centers, chunk_size):
-    sq = centers.square().sum(1)
-    out = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
-    for rows in iter_row_chunks(X.shape[0], chunk_size):
-        out[rows] = _squared_distances(X[rows], centers, sq).min(1).values
-    return out
+def _min_sq_dist_to(X, centers, chunk_size, shift):
+    return assign_labels(X, centers, chunk_size, shift)[1]
 
 
-def assign_labels(X, centers, chunk_size=65536):
-    """Nearest center of each row; returns ``(labels, squared distances)``."""
+def assign_labels(X, centers, chunk_size=65536, shift=None):
+    """Nearest center of each row; returns ``(labels, squared distances)``.
+
+    ``shift`` (default: the data mean) is subtracted from rows and centers.
+    """
+    if shift is None:
+        shift = _data_mean(X, chunk_size)
+    centers = centers - shift
     sq = centers.square().sum(1)
     labels = torch.empty(X.shape[0], dtype=torch.long, device=X.device)
     dist = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
     for rows in iter_row_chunks(X.shape[0], chunk_size):
-        values, index = _squared_distances(X[rows], centers, sq).min(1)
+        values, index = _squared_distances(X[rows] - shift, centers, sq).min(1)
         labels[rows], dist[rows] = index, values
     return labels, dist
 
@@ -114,21 +129,22 @@ def kmeans(X, n_clusters, generator, *, max_iter=300, tol=1e-4, chunk_size=65536
     """
     n_samples, n_features = X.shape
     centers, _ = kmeans_plusplus(X, n_clusters, generator, chunk_size)
-    mean = X.mean(0)
+    mean = _data_mean(X, chunk_size)
     variance = torch.zeros((), dtype=X.dtype, device=X.device)
     for rows in iter_row_chunks(n_samples, chunk_size):
         variance += (X[rows] - mean).square().sum()
     threshold = tol * float(variance) / (n_samples * n_features)
     labels = None
     for _ in range(max_iter):
-        new_labels, dist = assign_labels(X, centers, chunk_size)
+        new_labels, dist = assign_labels(X, centers, chunk_size, mean)
         sums = torch.zeros_like(centers)
         counts = torch.zeros(n_clusters, dtype=X.dtype, device=X.device)
         for rows in iter_row_chunks(n_samples, chunk_size):
-            sums.index_add_(0, new_labels[rows], X[rows])
-            counts.index_add_(0, new_labels[rows], torch.ones_like(dist[rows]))
+            members = torch.nn.functional.one_hot(new_labels[rows], n_clusters).to(X.dtype)
+            sums += members.T @ (X[rows] - mean)
+            counts += members.sum(0)
         new_centers = torch.where(
-            counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers
+            counts[:, None] > 0, sums / counts.clamp_min(1)[:, None] + mean, centers
         )
         empty = torch.nonzero(counts == 0).flatten()
         if empty.numel():  # relocate empty clusters to the farthest points
@@ -140,5 +156,5 @@ def kmeans(X, n_clusters, generator, *, max_iter=300, tol=1e-4, chunk_size=65536
         labels = new_labels
         if same or shift <= threshold:
             break
-    labels, _ = assign_labels(X, centers, chunk_size)
+    labels, _ = assign_labels(X, centers, chunk_size, mean)
     return centers, labels

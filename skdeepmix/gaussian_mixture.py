@@ -292,13 +292,29 @@ class GaussianMixture(BaseDeepMixture):
         self.precisions_ = to_numpy(
             G.precisions_from_cholesky(state["precisions_cholesky"], self.covariance_type)
         )
+        self._params_sources = self._public_parameters()
+
+    def _public_parameters(self):
+        return tuple(getattr(self, name + "_") for name in _PARAMETER_NAMES)
 
     def _prepare_inference(self, device):
+        """Tensors of the fitted attributes on ``device`` (rebuilt only when the
+        attributes were replaced, or the device or dtype changed)."""
         dtype = self._torch_dtype()
+        sources = self._public_parameters()
+        cached = getattr(self, "_params", None)
+        if (
+            cached is not None
+            and cached["means"].device == device
+            and cached["means"].dtype == dtype
+            and all(a is b for a, b in zip(getattr(self, "_params_sources", ()), sources))
+        ):
+            return
         self._params = {
-            name: to_tensor(getattr(self, name + "_"), device, dtype)
-            for name in _PARAMETER_NAMES
+            name: to_tensor(value, device, dtype)
+            for name, value in zip(_PARAMETER_NAMES, sources)
         }
+        self._params_sources = sources
 
     # ------------------------------------------------------------- sampling
     def _sample(self, n_samples, generator):
