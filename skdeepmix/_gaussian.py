@@ -28,6 +28,7 @@ __all__ = [
     "covariances_from_cholesky",
     "log_det_cholesky",
     "log_gaussian_prob",
+    "normalize_log_prob",
     "SufficientStatistics",
     "mfa_log_prob",
     "mfa_sample",
@@ -191,6 +192,28 @@ def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=Non
         )
     mahalanobis = mahalanobis.clamp_min(0.0)
     return -0.5 * (n_features * math.log(2 * math.pi) + mahalanobis) + log_det
+
+
+def normalize_log_prob(weighted_log_prob):
+    """Log-normaliser and responsibilities of ``log p(x, k)`` with one ``exp``.
+
+    Parameters
+    ----------
+    weighted_log_prob : Tensor of shape (n_samples, n_components)
+
+    Returns
+    -------
+    log_prob_norm : Tensor of shape (n_samples,)
+        ``logsumexp`` over the components.
+    resp : Tensor of shape (n_samples, n_components)
+        ``exp(weighted_log_prob - log_prob_norm)``.
+    """
+    peak = weighted_log_prob.amax(1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    resp = (weighted_log_prob - peak).exp_()
+    total = resp.sum(1, keepdim=True)
+    resp /= total
+    return (total.log_() + peak).squeeze(1), resp
 
 
 class SufficientStatistics:

@@ -253,15 +253,15 @@ class GaussianMixture(BaseDeepMixture):
         stats = G.SufficientStatistics(self.covariance_type, params["means"], center)
         chunks = list(iter_row_chunks(X.shape[0], self._rows_per_chunk()))
         for rows in chunks:
-            log_prob_norm, log_resp = self._estimate_log_prob_resp(X[rows])
-            stats.add(X[rows], log_resp.exp(), log_prob_norm)
+            log_prob_norm, resp = G.normalize_log_prob(self._estimate_weighted_log_prob(X[rows]))
+            stats.add(X[rows], resp, log_prob_norm)
         mean_log_likelihood = stats.sum_log_prob / X.shape[0]
         nk, means, covariances, loss = stats.mixture_parameters(self.reg_covar)
         if stats.needs_exact_pass(loss):
             stats.reset_second_moments()
             for rows in chunks:
-                _, log_resp = self._estimate_log_prob_resp(X[rows])
-                stats.add_exact(X[rows], log_resp.exp(), means)
+                _, resp = G.normalize_log_prob(self._estimate_weighted_log_prob(X[rows]))
+                stats.add_exact(X[rows], resp, means)
             nk, means, covariances, _ = stats.mixture_parameters(self.reg_covar)
         self._params = {
             "weights": nk / nk.sum(),
