@@ -1,10 +1,15 @@
 """skdeepmix: scikit-learn compatible deep Gaussian-mixture estimators on PyTorch."""
 
 from ._base import BaseDeepMixture, TrainingDivergedError
+from .deep_gmm import DeepGMMEstimator
 from .gaussian_mixture import GaussianMixture
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "GaussianMixture",
-    "BaseDeepMixture", "TrainingDivergedError", "__version__"]
+    "DeepGMMEstimator",
+    "BaseDeepMixture",
+    "TrainingDivergedError",
+    "__version__",
+]

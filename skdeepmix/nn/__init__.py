@@ -1,0 +1,1 @@
+"""Plain torch ``nn.Module`` building blocks of the estimators (no sklearn imports)."""
