@@ -49,21 +49,21 @@ def _candidates(seed):
         ("skdeepmix GaussianMixture (full, 10)", lambda: GaussianMixture(
             10, covariance_type="full", reg_covar=1e-2, random_state=seed), "float64"),
     ]
-    for module, factory, note in _DEEP_MODELS:
+    for name, module, class_name, params in _DEEP_MODELS:
         try:
-            make = getattr(importlib.import_module(module), factory)
-        except (ImportError, AttributeError):
+            estimator = getattr(importlib.import_module(module), class_name)
+        except (ImportError, AttributeError):  # not part of this version
             continue
-        models.extend((name, (lambda m=m: m(seed)), note) for name, m in make())
+        models.append(
+            (name, lambda e=estimator, p=params: e(**p, random_state=seed), "deep")
+        )
     return models
 
 
-#: (module, function returning [(name, seed -> estimator)], note) of deep models
+#: (row name, module, class name, parameters) of the deep models in the demo
 _DEEP_MODELS = [
-    ("skdeepmix.deep_gmm", "_demo_models", "deep"),
-    ("skdeepmix.cpmm", "_demo_models", "deep"),
-    ("skdeepmix.dcgmm", "_demo_models", "deep"),
-    ("skdeepmix.gmvae_dpgmm", "_demo_models", "deep"),
+    ("DeepGMMEstimator (layers 3×8 = 24 paths)", "skdeepmix.deep_gmm",
+     "DeepGMMEstimator", {"layer_sizes": (3, 8), "reg_covar": 1e-2}),
 ]
 
 
