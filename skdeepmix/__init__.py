@@ -1,6 +1,7 @@
 """skdeepmix: scikit-learn compatible deep Gaussian-mixture estimators on PyTorch."""
 
 from ._base import BaseDeepMixture, TrainingDivergedError
+from .dcgmm import DCGMMEstimator
 from .deep_gmm import DeepGMMEstimator
 from .gaussian_mixture import GaussianMixture
 
@@ -8,6 +9,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "GaussianMixture",
+    "DCGMMEstimator",
     "DeepGMMEstimator",
     "BaseDeepMixture",
     "TrainingDivergedError",

@@ -1,0 +1,973 @@
+"""Deep convolutional Gaussian mixture models (DCGMM) as plain torch modules.
+
+Gepperth, "A new perspective on probabilistic image modeling" (the DCGMM paper).
+Tensors are NHWC throughout: ``(n_samples, height, width, channels)``.
+
+Every layer has a *forward* (density) mode, :meth:`forward`, and a *backward*
+(sampling) mode, :meth:`backwards`, which turns a control signal for the
+layer's output into a control signal (or a sample) for its input:
+
+``Folding(f, stride)`` -- ``F(f, Δ)``
+    Half-convolution: the ``f x f`` patch at every position (stride ``Δ``) is
+    copied into the channels, ordered ``(row, column, channel)`` with the
+    channel fastest (the paper's eq. 9). Backward: every input element is the
+    average of all the output entries it was copied to (exact when
+    ``stride == f``).
+``MaxPooling(f, stride)`` -- ``P(f, Δ)``
+    CNN max-pooling. Backward: up-sampling (every input element receives the
+    average of the control signals of the windows that cover it).
+``ConvGMM(K, shared=True)`` -- ``G(K)``
+    A diagonal-precision GMM applied at every position; the activities are the
+    posteriors. Parameters are shared over positions (default) or independent
+    per position. Trained on the max-component log-likelihood, smoothed over a
+    toroidal ``sqrt(K) x sqrt(K)`` grid of components with an annealed
+    Gaussian kernel (as in the author's reference code). Backward: sampling
+    with the control signal as hierarchical prior (top-S selection).
+``LinearClassifier(S)`` -- ``C(S)``
+    Softmax regression on the activities of chosen ``G`` layers. Backward: the
+    approximate inverse ``W^T (log T - b)`` shifted to be positive.
+
+:func:`parse_layers` reads the paper's notation (``"F(3,1)-G(25)-F(4,2)-G(25)"``)
+and :class:`DCGMMNet` builds, trains (one step per mini-batch, each ``G``
+layer on its own loss) and samples from a stack of layers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Folding",
+    "MaxPooling",
+    "ConvGMM",
+    "LinearClassifier",
+    "parse_layers",
+    "DCGMMNet",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _as_pair(value, name):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be positive integers, got {value!r}.")
+    return pair
+
+
+# --------------------------------------------------------------------------- #
+# index-based layers (folding and pooling)                                    #
+# --------------------------------------------------------------------------- #
+class _WindowLayer(nn.Module):
+    """Common code of the folding and pooling layers (windows over H and W)."""
+
+    letter = "?"
+
+    def __init__(self, kernel_size=None, stride=None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.in_shape = None
+        self.out_shape = None
+
+    def _window_geometry(self, in_shape):
+        H, W, C = in_shape
+        if self.kernel_size is None:  # fold the whole input
+            kh, kw = H, W
+        else:
+            kh, kw = _as_pair(self.kernel_size, f"{self.letter} kernel size")
+        if self.stride is None:
+            sh, sw = (kh, kw) if self.kernel_size is not None else (1, 1)
+        else:
+            sh, sw = _as_pair(self.stride, f"{self.letter} stride")
+        if kh > H or kw > W:
+            raise ValueError(
+                f"Layer {self!r}: kernel {kh}x{kw} is larger than its input "
+                f"{H}x{W}x{C}; use a smaller kernel (or check image_shape)."
+            )
+        Ho = 1 + (H - kh) // sh
+        Wo = 1 + (W - kw) // sw
+        return kh, kw, sh, sw, Ho, Wo
+
+    def _build_index(self, in_shape, device):
+        """Flat input index of every (position, kernel row, kernel col, channel)."""
+        H, W, C = in_shape
+        kh, kw, sh, sw, Ho, Wo = self._window_geometry(in_shape)
+        oy = torch.arange(Ho, device=device) * sh
+        ox = torch.arange(Wo, device=device) * sw
+        ky = torch.arange(kh, device=device)
+        kx = torch.arange(kw, device=device)
+        c = torch.arange(C, device=device)
+        rows = oy[:, None, None, None, None] + ky[None, None, :, None, None]
+        cols = ox[None, :, None, None, None] + kx[None, None, None, :, None]
+        index = (rows * W + cols) * C + c[None, None, None, None, :]
+        # (Ho, Wo, kh, kw, C)
+        counts = torch.zeros(H * W * C, device=device)
+        counts.index_add_(0, index.reshape(-1), torch.ones(index.numel(), device=device))
+        return index, counts, (kh, kw, Ho, Wo)
+
+    def _scatter_mean(self, values, index, counts):
+        """Average ``values`` (N, n_index) into the flat input (N, H*W*C)."""
+        N = values.shape[0]
+        out = values.new_zeros(N, counts.numel())
+        out.index_add_(1, index, values)
+        counts = counts.to(values.dtype)
+        return torch.where(counts > 0, out / counts.clamp_min(1.0), out)
+
+    @property
+    def max_overlap(self):
+        """Largest number of output entries an input element is copied to."""
+        return float(self.counts_.max())
+
+    def extra_repr(self):
+        if self.kernel_size is None:
+            return ""
+        return f"{self.kernel_size},{self.stride if self.stride is not None else self.kernel_size}"
+
+    def __repr__(self):
+        if self.kernel_size is None and self.stride is None:
+            return self.letter
+        return f"{self.letter}({self.extra_repr()})"
+
+
+class _FoldFunction(torch.autograd.Function):
+    """Folding by strided views (fast) with a scatter-add backward (faster than
+    the backward of ``Tensor.unfold``)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        ctx.in_shape = x.shape
+        N = x.shape[0]
+        kh, kw, sh, sw = layer.geometry_
+        Ho, Wo, _ = layer.out_shape
+        # (N, Ho, W, C, kh) -> (N, Ho, Wo, C, kh, kw) -> (N, Ho, Wo, kh, kw, C)
+        patches = x.unfold(1, kh, sh).unfold(2, kw, sw)
+        return patches.permute(0, 1, 2, 4, 5, 3).reshape(N, Ho, Wo, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        N = grad.shape[0]
+        out = grad.new_zeros(N, math.prod(ctx.in_shape[1:]))
+        out.index_add_(1, ctx.layer.index_, grad.reshape(N, -1))
+        return out.reshape(ctx.in_shape), None
+
+
+class Folding(_WindowLayer):
+    """Folding / half-convolution layer ``F(f, stride)``.
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int), optional
+        Patch size ``f``. ``None`` folds the whole input into one position.
+    stride : int or (int, int), optional
+        Stride ``Δ`` (default: ``kernel_size``).
+
+    Notes
+    -----
+    Input ``(N, H, W, C)`` becomes ``(N, 1 + (H-f)//Δ, 1 + (W-f)//Δ, f*f*C)``;
+    input rows/columns not covered by any patch (when ``Δ`` does not divide
+    ``H - f``) are ignored forward and set to 0 backward.
+    """
+
+    letter = "F"
+
+    def build(self, in_shape, device=None):
+        H, W, C = in_shape
+        index, counts, (kh, kw, Ho, Wo) = self._build_index(in_shape, device)
+        self.register_buffer("index_", index.reshape(-1), persistent=False)
+        self.register_buffer("counts_", counts, persistent=False)
+        self.geometry_ = self._window_geometry(in_shape)[:4]
+        self.in_shape = (H, W, C)
+        self.out_shape = (Ho, Wo, kh * kw * C)
+        return self.out_shape
+
+    def forward(self, x):
+        return _FoldFunction.apply(x, self)
+
+    def backwards(self, t):
+        """Average over the overlapping inverses: ``(N, Ho, Wo, f*f*C) -> (N, H, W, C)``."""
+        N = t.shape[0]
+        flat = self._scatter_mean(t.reshape(N, -1), self.index_, self.counts_)
+        return flat.reshape(N, *self.in_shape)
+
+
+class MaxPooling(_WindowLayer):
+    """Max-pooling layer ``P(f, stride)``; backward mode is up-sampling.
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Default: ``kernel_size`` (non-overlapping pooling).
+    """
+
+    letter = "P"
+
+    def __init__(self, kernel_size=2, stride=None):
+        super().__init__(kernel_size, stride)
+
+    def build(self, in_shape, device=None):
+        H, W, C = in_shape
+        index, counts, (kh, kw, Ho, Wo) = self._build_index(in_shape, device)
+        # (Ho, Wo, C, kh*kw) so that the max runs over the last axis
+        index = index.permute(0, 1, 4, 2, 3).reshape(Ho, Wo, C, kh * kw)
+        self.register_buffer("index_", index.reshape(-1), persistent=False)
+        self.register_buffer("counts_", counts, persistent=False)
+        self.window_ = kh * kw
+        self.in_shape = (H, W, C)
+        self.out_shape = (Ho, Wo, C)
+        return self.out_shape
+
+    @property
+    def max_overlap(self):
+        return 1.0
+
+    def forward(self, x):
+        N = x.shape[0]
+        windows = x.reshape(N, -1)[:, self.index_].reshape(N, *self.out_shape, self.window_)
+        return windows.amax(dim=-1)
+
+    def backwards(self, t):
+        """Up-sampling: ``(N, Ho, Wo, C) -> (N, H, W, C)``."""
+        N = t.shape[0]
+        values = t.reshape(N, -1, 1).expand(-1, -1, self.window_).reshape(N, -1)
+        flat = self._scatter_mean(values, self.index_, self.counts_)
+        return flat.reshape(N, *self.in_shape)
+
+
+# --------------------------------------------------------------------------- #
+# convolutional GMM                                                           #
+# --------------------------------------------------------------------------- #
+def _toroidal_grid_sq_distances(n_components):
+    """Squared distances of K components placed on a toroidal grid (rows x cols)."""
+    rows = max(int(math.floor(math.sqrt(n_components))), 1)
+    cols = int(math.ceil(n_components / rows))
+    k = torch.arange(n_components)
+    y, x = (k // cols).double(), (k % cols).double()
+    dy = (y[:, None] - y[None, :]).abs()
+    dx = (x[:, None] - x[None, :]).abs()
+    dy = torch.minimum(dy, rows - dy)
+    dx = torch.minimum(dx, cols - dx)
+    return dy**2 + dx**2
+
+
+class ConvGMM(nn.Module):
+    """Convolutional GMM layer ``G(K)`` with diagonal precisions.
+
+    The parameters are the means ``mu``, the square roots of the diagonal
+    precisions ``prec_sqrt`` (the reference code's "sigmas", clipped from above
+    so that precisions stay below ``precision_bound``) and the logits of the
+    mixture weights (weights = softmax(logits)).
+
+    Parameters
+    ----------
+    n_components : int
+        Number of components ``K``.
+    shared : bool, default=True
+        Share the parameters over all positions (convolutional mode); else
+        every position has its own GMM.
+    """
+
+    letter = "G"
+
+    def __init__(self, n_components, shared=True):
+        super().__init__()
+        self.n_components = n_components
+        self.shared = shared
+        self.in_shape = None
+        self.out_shape = None
+
+    def __repr__(self):
+        if self.shared:
+            return f"G({self.n_components})"
+        return f"G({self.n_components},shared=False)"
+
+    # ---------------------------------------------------------------- build
+    def build(self, in_shape, *, generator=None, dtype=torch.float32, device=None,
+              mu_init=0.1, precision_bound=20.0, sigma0=None, sigma_min=0.01,
+              learning_rate=0.011, learning_rate_min=0.01, anneal_factor=0.9,
+              anneal_window=100, anneal_delta=0.05):
+        K = self.n_components
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+            raise ValueError(
+                f"G layer: the number of components must be a positive int, got {K!r}.")
+        H, W, D = in_shape
+        P = 1 if self.shared else H * W
+        mu = torch.rand(P, K, D, generator=generator, device=device, dtype=dtype)
+        mu = (2 * mu - 1) * mu_init
+        self.mu = nn.Parameter(mu)
+        self.prec_sqrt = nn.Parameter(
+            torch.full((P, K, D), math.sqrt(precision_bound), device=device, dtype=dtype)
+        )
+        self.weight_logits = nn.Parameter(torch.zeros(P, K, device=device, dtype=dtype))
+        self.register_buffer(
+            "grid_sq_dist_", _toroidal_grid_sq_distances(K).to(device=device, dtype=dtype)
+        )
+        self.precision_bound = float(precision_bound)
+        # annealing state (python floats: part of the pickled / deep-copied module)
+        self.sigma0 = 0.25 * math.sqrt(2 * K) if sigma0 is None else float(sigma0)
+        self.sigma_min = float(sigma_min)
+        self.learning_rate_min = float(learning_rate_min)
+        self.anneal_factor = float(anneal_factor)
+        self.anneal_window = int(anneal_window)
+        self.anneal_delta = float(anneal_delta)
+        self.sigma = self.sigma0
+        self.learning_rate = self.learning_rate0 = float(learning_rate)
+        self.plateau_annealing = True
+        self._win_sum, self._win_count = 0.0, 0
+        self._n_windows, self._first_avg, self._last_avg = 0, None, None
+        self.n_updates = 0
+        self._update_kernel()
+        self.in_shape = (H, W, D)
+        self.out_shape = (H, W, K)
+        return self.out_shape
+
+    def _update_kernel(self):
+        g = self.grid_sq_dist_
+        if self.sigma <= 0:
+            kernel = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        else:
+            kernel = torch.exp(-g / (2.0 * self.sigma**2))
+        self.register_buffer(
+            "smoothing_", kernel / kernel.sum(dim=1, keepdim=True), persistent=False
+        )
+
+    @property
+    def n_positions(self):
+        return self.in_shape[0] * self.in_shape[1]
+
+    def n_parameters(self):
+        P, K, D = self.mu.shape
+        return P * (2 * K * D + K - 1)
+
+    # -------------------------------------------------------------- forward
+    def _statistics(self):
+        prec = self.prec_sqrt**2  # (P, K, D)
+        log_det = torch.log(self.prec_sqrt.abs()).sum(-1)  # (P, K)
+        mu_prec = self.mu * prec
+        const = (self.mu * mu_prec).sum(-1)  # (P, K)
+        log_w = torch.log_softmax(self.weight_logits, dim=-1)
+        return prec, mu_prec, const, log_w + log_det
+
+    def log_scores(self, x, statistics=None):
+        """``log pi_k + log N(x_hw; mu_k, diag(prec_k^-1))``: (N, H, W, D) -> (N, H, W, K).
+
+        ``statistics`` (from ``_statistics()``) may be passed to reuse them.
+        """
+        N, H, W, D = x.shape
+        prec, mu_prec, const, log_w_det = (
+            self._statistics() if statistics is None else statistics)
+        if self.shared:
+            flat = x.reshape(-1, D)
+            quad = (flat * flat) @ prec[0].T - 2.0 * flat @ mu_prec[0].T + const[0]
+            quad = quad.reshape(N, H, W, -1)
+        else:
+            flat = x.reshape(N, H * W, D)
+            quad = (
+                torch.einsum("npd,pkd->npk", flat * flat, prec)
+                - 2.0 * torch.einsum("npd,pkd->npk", flat, mu_prec)
+                + const
+            ).reshape(N, H, W, -1)
+        quad = quad.clamp_min(0.0)
+        shape = (1, 1, 1, -1) if self.shared else (1, H, W, -1)
+        offset = log_w_det.reshape(shape) - 0.5 * D * _LOG_2PI
+        return offset - 0.5 * quad
+
+    def forward(self, x):
+        """Activities (posteriors): (N, H, W, D) -> (N, H, W, K)."""
+        return torch.softmax(self.log_scores(x), dim=-1)
+
+    @staticmethod
+    def max_log_likelihood(log_scores):
+        """Max-component log-likelihood, mean over positions: (N, H, W, K) -> (N,)."""
+        return log_scores.amax(dim=-1).mean(dim=(1, 2))
+
+    def smoothed_loss(self, log_scores):
+        """Training objective (higher is better), per sample, shape (N,).
+
+        The log-scores are smoothed with the annealed Gaussian kernel on the
+        toroidal component grid before the max; equals
+        :meth:`max_log_likelihood` once the kernel width is small.
+        """
+        smoothed = log_scores @ self.smoothing_.T
+        return smoothed.amax(dim=-1).mean(dim=(1, 2))
+
+    # ------------------------------------------------------------- training
+    def train_step(self, x, lr_factors=(1.0, 0.1, 0.2)):
+        """One plain gradient-ascent step on the smoothed loss of a batch.
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, H, W, D)
+            Input of the layer (no gradient flows to lower layers).
+        lr_factors : (float, float, float)
+            Learning-rate factors of the means, the precisions and the weights.
+
+        Returns
+        -------
+        log_scores : Tensor of shape (N, H, W, K), detached
+        loss : float
+            Batch mean of the smoothed loss (before the step).
+        """
+        params = (self.mu, self.prec_sqrt, self.weight_logits)
+        with torch.enable_grad():
+            log_scores = self.log_scores(x.detach())
+            loss = self.smoothed_loss(log_scores).mean()
+            grads = torch.autograd.grad(loss, params)
+        # the per-position layer sees 1/(H*W) of the gradient of the mean
+        mult = 1.0 if self.shared else float(self.n_positions)
+        with torch.no_grad():
+            for p, g, f in zip(params, grads, lr_factors):
+                if f:
+                    p.add_(g, alpha=self.learning_rate * f * mult)
+            bound = math.sqrt(self.precision_bound)
+            self.prec_sqrt.clamp_(min=1e-3, max=bound)
+        self.n_updates += 1
+        value = float(loss.detach())
+        self._anneal(value)
+        return log_scores.detach(), value
+
+    def set_annealing(self, progress):
+        """Scheduled annealing: geometric decay of the smoothing width and learning rate.
+
+        Parameters
+        ----------
+        progress : float in [0, 1]
+            0 gives ``sigma0`` and the initial learning rate, 1 gives
+            ``sigma_min`` and ``learning_rate_min``.
+        """
+        progress = min(max(float(progress), 0.0), 1.0)
+        sigma = self.sigma0 * (self.sigma_min / self.sigma0) ** progress
+        self.learning_rate = self.learning_rate0 * (
+            self.learning_rate_min / self.learning_rate0) ** progress
+        if sigma != self.sigma:
+            self.sigma = sigma
+            self._update_kernel()
+
+    def _anneal(self, value):
+        """Shrink the smoothing width and learning rate when the loss plateaus.
+
+        Window averages of the loss over ``anneal_window`` steps; from the third
+        window on, if the last improvement is below ``anneal_delta`` times the
+        improvement since the first window, both are multiplied by
+        ``anneal_factor`` (the reference code's "SingleExp" rule).
+        """
+        if not self.plateau_annealing:
+            return
+        self._win_sum += value
+        self._win_count += 1
+        if self._win_count < self.anneal_window:
+            return
+        avg = self._win_sum / self._win_count
+        self._win_sum, self._win_count = 0.0, 0
+        self._n_windows += 1
+        if self._n_windows == 1:
+            self._first_avg = self._last_avg = avg
+            return
+        if self._n_windows > 2 and self.sigma > self.sigma_min:
+            denom = self._last_avg - self._first_avg
+            ratio = (avg - self._last_avg) / denom if denom != 0 else 0.0
+            if -2 * self.anneal_delta < ratio < self.anneal_delta:
+                self.sigma = max(self.sigma * self.anneal_factor, self.sigma_min)
+                self.learning_rate = max(
+                    self.learning_rate * self.anneal_factor, self.learning_rate_min
+                )
+                self._update_kernel()
+        self._last_avg = avg
+
+    # ------------------------------------------------------------- sampling
+    def backwards(self, control, generator=None, top_s=3, sampling_divisor=20.0,
+                  n_samples=None):
+        """Sample the input of the layer given a control signal.
+
+        Parameters
+        ----------
+        control : Tensor of shape (N, H, W, K) or None
+            Hierarchical prior over the components at every position (any
+            non-negative scores; only the ``top_s`` largest are kept and
+            renormalised). ``None``: the mixture weights.
+        generator : torch.Generator, optional
+        top_s : int, default=3
+            Keep the S largest entries of the control signal (0 keeps all).
+        sampling_divisor : float, default=20.0
+            Standard deviations are divided by this factor (reference code);
+            dimensions whose precision sits at the upper bound get no noise.
+        n_samples : int, optional
+            Required when ``control`` is None.
+
+        Returns
+        -------
+        sample : Tensor of shape (N, H, W, D)
+        components : LongTensor of shape (N, H, W)
+        """
+        H, W, D = self.in_shape
+        K = self.n_components
+        if control is None:
+            weights = torch.softmax(self.weight_logits.detach(), dim=-1)
+            shape = (1, 1, 1, K) if self.shared else (1, H, W, K)
+            control = weights.reshape(shape).expand(n_samples, H, W, K)
+        control = control.detach().clamp_min(0.0)
+        N = control.shape[0]
+        probs = control.reshape(-1, K)
+        if top_s and top_s < K:
+            kth = torch.topk(probs, top_s, dim=1).values[:, -1:]
+            probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+        probs = probs + 1e-12 * (probs.sum(1, keepdim=True) <= 0)  # all zero: uniform
+        z = torch.multinomial(probs, 1, generator=generator).reshape(N, H, W)
+        if self.shared:
+            mu = self.mu[0][z]
+            s = self.prec_sqrt[0][z]
+        else:
+            pos = torch.arange(H * W, device=z.device).reshape(1, H, W).expand(N, H, W)
+            mu = self.mu[pos, z]
+            s = self.prec_sqrt[pos, z]
+        mu, s = mu.detach(), s.detach()
+        std = torch.where(
+            s < math.sqrt(self.precision_bound) * (1 - 1e-6), 1.0 / s, torch.zeros_like(s)
+        )
+        noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + noise * std / sampling_divisor, z
+
+
+# --------------------------------------------------------------------------- #
+# classifier                                                                  #
+# --------------------------------------------------------------------------- #
+class LinearClassifier(nn.Module):
+    """Linear softmax classifier ``C(S)`` on flattened activities.
+
+    Parameters
+    ----------
+    n_classes : int, optional
+        Number of classes ``S`` (default: taken from ``y`` at fit).
+    """
+
+    letter = "C"
+
+    def __init__(self, n_classes=None):
+        super().__init__()
+        self.n_classes = n_classes
+
+    def __repr__(self):
+        return "C" if self.n_classes is None else f"C({self.n_classes})"
+
+    def build(self, n_inputs, n_classes, *, generator=None, dtype=torch.float32, device=None):
+        w = torch.randn(n_inputs, n_classes, generator=generator, device=device, dtype=dtype)
+        w = w.clamp(-2.0, 2.0) / math.sqrt(n_inputs)  # truncated normal, std 1/sqrt(n_in)
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(n_classes, device=device, dtype=dtype))
+        self.n_inputs = n_inputs
+        self.n_classes_ = n_classes
+
+    def forward(self, features):
+        """Logits: (N, n_inputs) -> (N, S)."""
+        return features @ self.weight + self.bias
+
+    def backwards(self, target_proba):
+        """Approximate inverse ``W (log T - b)``, shifted so that its minimum is 0.
+
+        ``W`` and ``b`` are centred over the classes first (the softmax leaves
+        their per-input constants undetermined).
+
+        Parameters
+        ----------
+        target_proba : Tensor of shape (N, S)
+            Desired class probabilities (e.g. nearly one-hot).
+
+        Returns
+        -------
+        control : Tensor of shape (N, n_inputs), non-negative
+        """
+        # softmax is invariant to adding a constant to all logits, so every
+        # input's weight row is only defined up to a constant (its sum over the
+        # classes never changes under cross-entropy training): centre the rows
+        # and the bias before inverting, else that arbitrary constant decides
+        weight = self.weight.detach()
+        weight = weight - weight.mean(dim=1, keepdim=True)
+        bias = self.bias.detach() - self.bias.detach().mean()
+        log_t = torch.log(target_proba)
+        t = (log_t - log_t.mean(dim=1, keepdim=True) - bias) @ weight.T
+        return t - t.amin(dim=1, keepdim=True)
+
+
+# --------------------------------------------------------------------------- #
+# layer specification                                                         #
+# --------------------------------------------------------------------------- #
+_LAYER_TYPES = {"F": Folding, "P": MaxPooling, "G": ConvGMM, "C": LinearClassifier}
+_TOKEN = re.compile(r"^\s*([A-Za-z]+)\s*(?:\((.*)\))?\s*$")
+
+
+def _parse_value(text, token):
+    text = text.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    raise ValueError(
+        f"Malformed layer {token!r}: argument {text!r} is not an integer "
+        "(or True/False for shared=...)."
+    )
+
+
+def _make_layer(letter, args, kwargs, token):
+    usage = {
+        "F": "F(f, stride), F(f) or F (whole input)",
+        "P": "P(f, stride) or P(f)",
+        "G": "G(K) or G(K, shared=False)",
+        "C": "C(S) or C",
+    }[letter]
+    allowed_kw = {"F": set(), "P": set(), "G": {"shared"}, "C": set()}[letter]
+    max_args = {"F": 2, "P": 2, "G": 1, "C": 1}[letter]
+    min_args = {"F": 0, "P": 1, "G": 1, "C": 0}[letter]
+    bad_kw = set(kwargs) - allowed_kw
+    if bad_kw or not (min_args <= len(args) <= max_args):
+        raise ValueError(f"Malformed layer {token!r}: expected {usage}.")
+    for value in args:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"Malformed layer {token!r}: sizes must be positive integers ({usage})."
+            )
+    if "shared" in kwargs and not isinstance(kwargs["shared"], bool):
+        raise ValueError(f"Malformed layer {token!r}: shared must be True or False.")
+    return _LAYER_TYPES[letter](*args, **kwargs)
+
+
+def parse_layers(spec):
+    """Turn a layer specification into a list of fresh layer modules.
+
+    Parameters
+    ----------
+    spec : str or list
+        The paper's notation, layers joined by ``-``:
+        ``"F(3,1)-G(25)-F(4,2)-G(25)-F(12,1)-G(25)"``. ``F`` without
+        arguments folds the whole input into one position; ``G(K,
+        shared=False)`` gives every position its own GMM; an optional last
+        ``C`` or ``C(S)`` marks the classifier. Or a list of layer objects
+        (:class:`Folding`, :class:`MaxPooling`, :class:`ConvGMM`,
+        :class:`LinearClassifier`) or of such strings; they are copied.
+
+    Returns
+    -------
+    layers : list of nn.Module (unbuilt)
+
+    Raises
+    ------
+    ValueError
+        For malformed specifications.
+    """
+    import copy
+
+    if isinstance(spec, str):
+        if not spec.strip():
+            raise ValueError("The layer specification is empty; e.g. 'F(3,1)-G(25)-F-G(25)'.")
+        tokens = spec.split("-")
+        layers = []
+        for token in tokens:
+            match = _TOKEN.match(token)
+            if match is None or match.group(1).upper() not in _LAYER_TYPES:
+                raise ValueError(
+                    f"Malformed layer {token!r} in {spec!r}: layers are F(f,stride), "
+                    "P(f,stride), G(K) or C(S), joined by '-'."
+                )
+            letter = match.group(1).upper()
+            args, kwargs = [], {}
+            inner = match.group(2)
+            if inner is not None and inner.strip():
+                for part in inner.split(","):
+                    if "=" in part:
+                        key, value = part.split("=", 1)
+                        kwargs[key.strip()] = _parse_value(value, token)
+                    else:
+                        if kwargs:
+                            raise ValueError(
+                                f"Malformed layer {token!r}: positional after keyword argument."
+                            )
+                        if not part.strip():
+                            raise ValueError(f"Malformed layer {token!r}: empty argument.")
+                        args.append(_parse_value(part, token))
+            layers.append(_make_layer(letter, args, kwargs, token))
+    elif isinstance(spec, (list, tuple)):
+        if len(spec) == 0:
+            raise ValueError("The layer list is empty.")
+        layers = []
+        for item in spec:
+            if isinstance(item, str):
+                layers.extend(parse_layers(item))
+            elif isinstance(item, tuple(_LAYER_TYPES.values())):
+                if getattr(item, "in_shape", None) is not None and not isinstance(
+                    item, LinearClassifier
+                ):
+                    item = type(item)(**_ctor_args(item))
+                layers.append(copy.deepcopy(item))
+            else:
+                raise TypeError(
+                    "Layer lists hold Folding, MaxPooling, ConvGMM, LinearClassifier "
+                    f"objects or spec strings, got {type(item).__name__}."
+                )
+    else:
+        raise TypeError(
+            f"layers must be a string such as 'F(3,1)-G(25)' or a list of layers, got "
+            f"{type(spec).__name__}."
+        )
+    n_clf = sum(isinstance(layer, LinearClassifier) for layer in layers)
+    if n_clf > 1 or (n_clf == 1 and not isinstance(layers[-1], LinearClassifier)):
+        raise ValueError(f"{spec!r}: a classifier C may only appear once, as the last layer.")
+    if not any(isinstance(layer, ConvGMM) for layer in layers):
+        raise ValueError(f"{spec!r}: the specification needs at least one G(K) layer.")
+    if isinstance(layers[-1], (Folding, MaxPooling)) or (
+        n_clf and isinstance(layers[-2], (Folding, MaxPooling))
+    ):
+        raise ValueError(f"{spec!r}: the last layer (before an optional C) must be a G layer.")
+    return layers
+
+
+def _ctor_args(layer):
+    if isinstance(layer, ConvGMM):
+        return {"n_components": layer.n_components, "shared": layer.shared}
+    return {"kernel_size": layer.kernel_size, "stride": layer.stride}
+
+
+def format_layers(layers):
+    """The spec string of a list of layers (inverse of :func:`parse_layers`)."""
+    return "-".join(repr(layer) for layer in layers)
+
+
+# --------------------------------------------------------------------------- #
+# the network                                                                 #
+# --------------------------------------------------------------------------- #
+class DCGMMNet(nn.Module):
+    """A built stack of DCGMM layers.
+
+    Parameters
+    ----------
+    layers : list of nn.Module
+        Output of :func:`parse_layers` (without the classifier).
+    input_shape : (int, int, int)
+        ``(H, W, C)`` of the input images.
+    generator : torch.Generator, optional
+    dtype, device : torch dtype and device
+    **gmm_options
+        Keyword arguments of :meth:`ConvGMM.build`.
+    """
+
+    def __init__(self, layers, input_shape, *, generator=None, dtype=torch.float32,
+                 device=None, **gmm_options):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.input_shape = tuple(input_shape)
+        self.shapes = [self.input_shape]
+        shape = self.input_shape
+        for layer in self.layers:
+            if isinstance(layer, ConvGMM):
+                shape = layer.build(shape, generator=generator, dtype=dtype, device=device,
+                                    **gmm_options)
+            elif isinstance(layer, (Folding, MaxPooling)):
+                shape = layer.build(shape, device=device)
+            else:  # pragma: no cover - parse_layers guarantees this
+                raise TypeError(f"Unexpected layer {layer!r}.")
+            self.shapes.append(shape)
+        self.gmm_indices = [i for i, l in enumerate(self.layers) if isinstance(l, ConvGMM)]
+        top = self.shapes[-1]
+        if top[0] != 1 or top[1] != 1:
+            raise ValueError(
+                f"The top G layer of {format_layers(self.layers)} has {top[0]}x{top[1]} "
+                "positions; it must see the whole image (1x1). Add a folding layer "
+                f"covering its input, e.g. '-F-G(K)' or 'F({self.shapes[-2][0]},1)'."
+            )
+        self.classifier = None
+        self.classifier_layers = ()
+
+    # ---------------------------------------------------------------- forward
+    def forward_all(self, x, upto=None):
+        """Run the forward mode; returns the per-layer outputs and G log-scores.
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, H, W, C)
+        upto : int, optional
+            Stop after layer index ``upto``.
+
+        Returns
+        -------
+        outputs : list of Tensor
+            ``outputs[i]`` is the output of layer ``i``.
+        log_scores : dict {layer index: Tensor (N, H, W, K)}
+        """
+        outputs, log_scores = [], {}
+        last = len(self.layers) - 1 if upto is None else upto
+        for i, layer in enumerate(self.layers[: last + 1]):
+            if isinstance(layer, ConvGMM):
+                scores = layer.log_scores(x)
+                log_scores[i] = scores
+                x = torch.softmax(scores, dim=-1)
+            else:
+                x = layer(x)
+            outputs.append(x)
+        return outputs, log_scores
+
+    def layer_log_likelihoods(self, x):
+        """Max-component log-likelihood (mean over positions) of every G layer: (N, n_G)."""
+        _, log_scores = self.forward_all(x)
+        return torch.stack(
+            [ConvGMM.max_log_likelihood(log_scores[i]) for i in self.gmm_indices], dim=1
+        )
+
+    def classifier_features(self, outputs):
+        return torch.cat(
+            [outputs[i].reshape(outputs[i].shape[0], -1) for i in self.classifier_layers], dim=1
+        )
+
+    # --------------------------------------------------------------- training
+    def train_batch(self, x, *, active, lr_factors, y=None, classifier_lr=0.01,
+                    classifier_active=True):
+        """One training step of every active layer on a mini-batch.
+
+        Each G layer takes one gradient-ascent step on its own (smoothed)
+        loss, given the activities of the layers below (no back-propagation
+        between layers); the classifier takes one SGD step on the
+        cross-entropy of its features.
+
+        Parameters
+        ----------
+        x : Tensor of shape (N, H, W, C)
+        active : sequence of bool
+            Per G layer (bottom to top): whether its training delay is over.
+        lr_factors : (float, float, float)
+        y : LongTensor of shape (N,), optional
+        classifier_lr : float
+        classifier_active : bool
+
+        Returns
+        -------
+        losses : list of float
+            Batch mean loss of every G layer.
+        clf_loss : float or None
+        """
+        losses, outputs, g = [], [], 0
+        for layer in self.layers:
+            if isinstance(layer, ConvGMM):
+                if active[g]:
+                    scores, value = layer.train_step(x, lr_factors)
+                else:
+                    with torch.no_grad():
+                        scores = layer.log_scores(x)
+                    value = float(layer.smoothed_loss(scores).mean())
+                losses.append(value)
+                x = torch.softmax(scores, dim=-1)
+                g += 1
+            else:
+                with torch.no_grad():
+                    x = layer(x)
+            outputs.append(x)
+        clf_loss = None
+        if y is not None and self.classifier is not None and classifier_active:
+            features = self.classifier_features(outputs).detach()
+            params = (self.classifier.weight, self.classifier.bias)
+            with torch.enable_grad():
+                logits = self.classifier(features)
+                loss = torch.nn.functional.cross_entropy(logits, y)
+                grads = torch.autograd.grad(loss, params)
+            # normalised step: divided by the mean squared norm of the features
+            # (bounds the curvature of the cross-entropy), so the same learning
+            # rate suits one or many input positions
+            scale = float(features.pow(2).sum(1).mean().clamp_min(1e-3))
+            with torch.no_grad():
+                for p, grad in zip(params, grads):
+                    p.sub_(grad, alpha=classifier_lr / scale)
+            clf_loss = float(loss.detach())
+        return losses, clf_loss
+
+    # --------------------------------------------------------------- sampling
+    def _sharpen(self, index, x, target, iterations, rate, fixed=None):
+        """Gradient ascent on the input of layer ``index`` towards G layer ``target``.
+
+        The step is ``rate`` divided by the largest curvature of the target's
+        loss with respect to one input element (precision bound x overlaps /
+        positions), so that ``rate < 2`` is stable.
+        """
+        target_layer = self.layers[target]
+        overlap = 1.0
+        for layer in self.layers[index:target]:
+            if isinstance(layer, (Folding, MaxPooling)):
+                overlap *= layer.max_overlap
+        step = rate * target_layer.n_positions / (target_layer.precision_bound * overlap)
+        with torch.no_grad():
+            statistics = target_layer._statistics()
+        x = x.detach().clone()
+        if fixed is not None:
+            known_mask, known_values = fixed
+            x = torch.where(known_mask, known_values, x)
+        with torch.enable_grad():
+            for _ in range(iterations):
+                x.requires_grad_(True)
+                h = x
+                for layer in self.layers[index:target]:
+                    h = layer(h)
+                objective = ConvGMM.max_log_likelihood(
+                    target_layer.log_scores(h, statistics)).sum()
+                (grad,) = torch.autograd.grad(objective, x)
+                with torch.no_grad():
+                    x = x + step * grad
+                    if fixed is not None:
+                        x = torch.where(known_mask, known_values, x)
+        return x.detach()
+
+    def backwards(self, start, control, *, generator=None, n_samples=None, top_s=3,
+                  sampling_divisor=20.0, sharpening_iterations=0, sharpening_rate=0.5,
+                  fixed=None):
+        """Run the backward (sampling) mode from layer ``start`` down to the input.
+
+        Parameters
+        ----------
+        start : int
+            Index of a G layer to start from.
+        top_s : int or sequence of int
+            Top-S selection, for all G layers or per G layer (bottom-up).
+        control : Tensor of shape (N, H, W, K) or None
+            Control signal for layer ``start`` (``None``: its mixture weights).
+        sharpening_iterations, sharpening_rate
+            Gradient sharpening after every folding/pooling layer, towards the
+            next G layer above it.
+        fixed : (BoolTensor, Tensor) of shape (N, H, W, C), optional
+            Input elements kept fixed (in-painting).
+
+        Returns
+        -------
+        x : Tensor of shape (N, H, W, C)
+        top_components : LongTensor of shape (N,)
+            Component drawn by the starting layer (at its first position).
+        """
+        t = control
+        top_components = None
+        if isinstance(top_s, (list, tuple)):
+            per_layer = dict(zip(self.gmm_indices, top_s))
+        else:
+            per_layer = dict.fromkeys(self.gmm_indices, top_s)
+        for i in range(start, -1, -1):
+            layer = self.layers[i]
+            if isinstance(layer, ConvGMM):
+                t, z = layer.backwards(t, generator=generator, top_s=per_layer[i],
+                                       sampling_divisor=sampling_divisor, n_samples=n_samples)
+                if top_components is None:
+                    top_components = z.reshape(z.shape[0], -1)[:, 0]
+            else:
+                t = layer.backwards(t)
+                if sharpening_iterations > 0:
+                    target = next(j for j in self.gmm_indices if j > i)
+                    t = self._sharpen(i, t, target, sharpening_iterations, sharpening_rate,
+                                      fixed=fixed if i == 0 else None)
+        if fixed is not None:
+            t = torch.where(fixed[0], fixed[1], t)
+        return t, top_components
