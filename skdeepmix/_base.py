@@ -34,6 +34,30 @@ A subclass defines ``__init__`` (storing its arguments only) and the hooks:
     Returns tensors ``(X, y)``.
 ``_n_parameters()``
     Number of free parameters, for ``bic``/``aic``.
+
+Optional, for scaling up (see ``doc/scaling.md``):
+
+``_partial_fit_step(X, generator, y=None)``
+    One incremental update on the mini-batch ``X`` (one stepwise-EM step, or
+    one optimizer step: :func:`skdeepmix._train.train_step` does it in one
+    line) returning the objective like ``_fit_iteration``; it leaves the public
+    fitted attributes up to date. Defining it makes ``partial_fit`` available:
+    the first call validates the batch, runs ``_check_parameters`` and
+    ``_initialize`` on it, later calls continue (``n_features_in_`` is then
+    fixed) and ``n_steps_`` counts the calls.
+``_supports_out_of_core`` (class attribute, default False)
+    True when the hooks accept, in place of the data tensor, a
+    :class:`~skdeepmix._torch_utils.RowSource` (``shape``, ``device``,
+    ``dtype``, ``X[slice]``/``X[index_tensor]`` giving tensors) and touch the
+    rows only chunk by chunk; ``fit`` then streams ``np.memmap`` and other
+    array-likes with row slicing without loading them (validated in chunks).
+``_distributed_mode`` (class attribute, default None)
+    Behaviour when :mod:`torch.distributed` is initialised with several
+    processes: ``'exact'`` (the hooks all-reduce their statistics through
+    ``self._partition``, a :class:`~skdeepmix._distributed.RowPartition`),
+    ``'gradients'`` (state broadcast from rank 0 after ``_initialize``,
+    gradients averaged by ``train_epoch``/``train_step``, objective averaged)
+    or None (each process fits its own model, with a warning).
 """
 
 from __future__ import annotations
@@ -48,10 +72,16 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_array
+from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from . import _distributed
 from ._torch_utils import (
+    RowSource,
+    _PageReleaser,
+    is_out_of_core,
     iter_row_chunks,
     make_generator,
     resolve_device,
@@ -99,6 +129,10 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
     _fit_uses_y = False
     #: minimum number of samples ``fit`` accepts
     _min_fit_samples = 2
+    #: whether the hooks accept a streamed RowSource for X (see module docstring)
+    _supports_out_of_core = False
+    #: None, 'exact' or 'gradients': behaviour under torch.distributed
+    _distributed_mode = None
 
     # ------------------------------------------------------------------ hooks
     def _check_parameters(self, X):
@@ -148,6 +182,14 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
     def _finalize_fit(self, X, y=None):
         """Called once after the best run is restored (e.g. to cache things)."""
 
+    def _partial_fit_step(self, X, generator, y=None):
+        """One incremental update on the batch tensor ``X`` (optional hook).
+
+        Returns the objective (higher is better) or a dict with ``'objective'``.
+        Must leave the public fitted attributes up to date.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support partial_fit.")
+
     # ---------------------------------------------------- device/dtype/input
     def _fit_device(self):
         return resolve_device(self.device)
@@ -181,6 +223,70 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             return X, y
         return self._validate_X(X, reset=True), None
 
+    def _validate_X_streamed(self, X, *, reset):
+        """Validate an out-of-core ``X`` chunk by chunk (never loading it whole).
+
+        Same checks as :meth:`_validate_X` (2-D, numeric, finite, number of
+        samples and features); returns ``X`` itself.
+        """
+        n_samples = int(X.shape[0])
+        n_features = int(X.shape[1])
+        min_samples = self._min_fit_samples if reset else 1
+        if n_samples < min_samples:
+            raise ValueError(
+                f"Found array with {n_samples} sample(s) (shape={tuple(X.shape)}) while "
+                f"a minimum of {min_samples} is required by {type(self).__name__}."
+            )
+        rows_per_chunk = max(1, 2**21 // max(n_features, 1))  # 16 MiB of float64
+        release = _PageReleaser(X)
+        for i, rows in enumerate(iter_row_chunks(n_samples, rows_per_chunk)):
+            part = np.asarray(X[rows])
+            if i == 0:
+                validate_data(
+                    self, part, dtype=[np.float64, np.float32], reset=reset,
+                    ensure_min_samples=1,
+                )
+            else:
+                check_array(
+                    part, dtype=[np.float64, np.float32], ensure_min_samples=1,
+                    estimator=self, input_name="X",
+                )
+            release(part)
+        return X
+
+    def _streams(self, X, y=None):
+        """Whether ``X`` is streamed instead of loaded (see ``_supports_out_of_core``)."""
+        return (
+            self._supports_out_of_core
+            and is_out_of_core(X)
+            and not (self._fit_uses_y and y is not None)
+        )
+
+    def _validate_everywhere(self, validate):
+        """Run ``validate()``; under torch.distributed, fail on every process
+        when it fails on one (rather than leave the others waiting)."""
+        if not _distributed.is_distributed() or self._distributed_mode is None:
+            return validate(), None
+        try:
+            return validate(), None
+        except (ValueError, TypeError) as exc:
+            return (None, None), exc
+
+    def _make_partition(self, n_local, n_features=None, error=None):
+        """The :class:`~skdeepmix._distributed.RowPartition` of a fit."""
+        if error is not None and not _distributed.is_distributed():
+            raise error
+        if _distributed.is_distributed() and self._distributed_mode is None:
+            warnings.warn(
+                f"{type(self).__name__} does not support distributed training yet: "
+                "each process fits its own model on its own data. Wrap the call in "
+                "skdeepmix._distributed.local_fit() to silence this warning.",
+                UserWarning,
+            )
+            with _distributed.local_fit():
+                return _distributed.RowPartition(n_local)
+        return _distributed.RowPartition(n_local, n_features, error)
+
     def _to_tensor(self, X, device=None):
         if device is None:
             device = self._runtime_device()
@@ -199,14 +305,31 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return 8 * self.n_features_in_
 
     def _map_chunks(self, fn, X, device):
-        """Apply ``fn`` to row chunks of ``X`` (numpy or tensor); concat results."""
-        outputs = []
-        for rows in iter_row_chunks(X.shape[0], self._rows_per_chunk()):
+        """Apply ``fn`` to row chunks of ``X`` (numpy, tensor or RowSource) and
+        concatenate the results (a tensor or a tuple of tensors, one row per row).
+
+        The outputs are written into tensors allocated once: many small
+        per-chunk results kept alive between the chunks' large temporaries
+        fragment the heap (about 1 GB of resident memory for 16M rows).
+        """
+        n_rows = X.shape[0]
+        outputs, pending, as_tuple = None, [], False
+        for rows in iter_row_chunks(n_rows, self._rows_per_chunk()):
             chunk = to_tensor(X[rows], device, self._torch_dtype())
-            outputs.append(fn(chunk))
-        if isinstance(outputs[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*outputs))
-        return torch.cat(outputs)
+            result = fn(chunk)
+            as_tuple = isinstance(result, tuple)
+            parts = result if as_tuple else (result,)
+            if outputs is None and not pending:
+                if all(p.dim() >= 1 and p.shape[0] == rows.stop - rows.start for p in parts):
+                    outputs = tuple(p.new_empty((n_rows, *p.shape[1:])) for p in parts)
+            if outputs is not None:
+                for out, part in zip(outputs, parts):
+                    out[rows] = part
+            else:  # outputs not one row per row: concatenate
+                pending.append(parts)
+        if outputs is None:
+            outputs = tuple(torch.cat(column) for column in zip(*pending))
+        return outputs if as_tuple else outputs[0]
 
     def _prepare_inference(self, device):
         """Hook: put the fitted state on ``device`` (before inference, or before
@@ -214,8 +337,11 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
 
     def _inference(self, fn, X):
         check_is_fitted(self)
-        X = self._validate_X(X, reset=False)
         device = self._runtime_device()
+        if self._streams(X):
+            X = RowSource(self._validate_X_streamed(X, reset=False), device, self._torch_dtype())
+        else:
+            X = self._validate_X(X, reset=False)
         self._prepare_inference(device)
         with torch.no_grad():
             return self._map_chunks(fn, X, device)
@@ -260,21 +386,42 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         -------
         labels : ndarray of shape (n_samples,)
         """
-        X, y = self._validate_fit_input(X, y)
+        def validate():
+            if self._streams(X, y):
+                return self._validate_X_streamed(X, reset=True), None
+            return self._validate_fit_input(X, y)
+
+        (X, y), error = self._validate_everywhere(validate)
+        if error is not None:
+            X, y = np.zeros((0, 0)), None
+        self._partition = self._make_partition(X.shape[0], X.shape[1], error)
+        try:
+            with _distributed.gradient_sync(self._distributed_mode == "gradients"):
+                return self._fit_predict_validated(X, y)
+        finally:
+            del self._partition
+
+    def _fit_predict_validated(self, X, y):
         self._check_parameters(X)
         device = self._fit_device()
-        Xt = to_tensor(X, device, self._torch_dtype())
-        yt = None if y is None else torch.as_tensor(np.asarray(y), device=device)
+        if self._streams(X, y):
+            Xt = RowSource(X, device, self._torch_dtype())
+        else:
+            Xt = to_tensor(X, device, self._torch_dtype())
+        yt = None if y is None else torch.as_tensor(np.array(y), device=device)
         generator = make_generator(self.random_state, device)
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1
         if not do_init:
             self._prepare_inference(device)  # continue from the fitted state
+        else:
+            self.__dict__.pop("n_steps_", None)  # a new fit forgets partial_fit
         best = None
         for init in range(n_init):
             if do_init:
                 self._initialize(Xt, generator, y=yt)
+                self._broadcast_initial_state()
             start = -math.inf if do_init else self.lower_bound_
             run = self._run_iterations(Xt, yt, generator, start, init)
             if best is None or run["objective"] > best["objective"]:
@@ -296,8 +443,106 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         self.history_ = best["history"]
         self._finalize_fit(Xt, yt)
         with torch.no_grad():
-            _, log_resp = self._estimate_log_prob_resp_chunked(Xt)
-        return to_numpy(log_resp.argmax(dim=1))
+            return to_numpy(self._fit_labels(Xt))
+
+    def _fit_labels(self, X):
+        """Labels of the training rows (argmax per chunk: no (n, K) array)."""
+        own = type(self)._estimate_log_prob_resp_chunked
+        if own is not BaseDeepMixture._estimate_log_prob_resp_chunked:
+            _, log_resp = self._estimate_log_prob_resp_chunked(X)
+            return log_resp.argmax(dim=1)
+        return self._map_chunks(
+            lambda chunk: self._estimate_log_prob_resp(chunk)[1].argmax(dim=1), X, X.device
+        )
+
+    def _broadcast_initial_state(self):
+        """'gradients' mode: every process starts from rank 0's initial state."""
+        partition = getattr(self, "_partition", None)
+        if self._distributed_mode == "gradients" and partition is not None and partition.active:
+            self._set_state(_distributed.broadcast_object(self._get_state()))
+
+    def _global_objective(self, objective):
+        """'gradients' mode: the sample-weighted mean of the processes' objectives."""
+        partition = getattr(self, "_partition", None)
+        if self._distributed_mode != "gradients" or partition is None or not partition.active:
+            return objective
+        return partition.sum_scalar(objective * partition.n_local) / partition.n_total
+
+    # ------------------------------------------------------ partial_fit
+    def _has_partial_fit_step(self):
+        return type(self)._partial_fit_step is not BaseDeepMixture._partial_fit_step
+
+    @available_if(_has_partial_fit_step)
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Update the model with one mini-batch (incremental / online learning).
+
+        The first call (on an unfitted estimator) validates the batch, fixes
+        ``n_features_in_`` and initialises the model from the batch; every call
+        then makes one update on the batch: a stepwise-EM step for EM
+        estimators, one optimizer step for gradient-trained ones. A fitted
+        estimator (after ``fit``) continues from its fitted state. Under
+        torch.distributed each process passes its own batch and the update
+        uses all of them.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A mini-batch.
+        y : Ignored or array-like of shape (n_samples,)
+
+        Returns
+        -------
+        self : object
+            With ``n_steps_`` (number of updates made) incremented.
+        """
+        initialised = hasattr(self, "n_steps_") or hasattr(self, "lower_bound_")
+
+        def validate():
+            if not initialised:
+                return self._validate_fit_input(X, y)
+            if self._fit_uses_y and y is not None:
+                return validate_data(self, X, y, dtype=[np.float64, np.float32], reset=False)
+            return self._validate_X(X, reset=False), y
+
+        (X, y), error = self._validate_everywhere(validate)
+        if error is not None:
+            X, y = np.zeros((0, 0)), None
+        self._partition = self._make_partition(X.shape[0], X.shape[1], error)
+        try:
+            with _distributed.gradient_sync(self._distributed_mode == "gradients"):
+                self._partial_fit_validated(X, y, initialised)
+        finally:
+            del self._partition
+        return self
+
+    def _partial_fit_validated(self, X, y, initialised):
+        device = self._fit_device()
+        Xt = to_tensor(X, device, self._torch_dtype())
+        yt = None if y is None else torch.as_tensor(np.array(y), device=device)
+        generator = make_generator(self.random_state, device)
+        steps = getattr(self, "n_steps_", 0)
+        if steps:  # a different, reproducible stream of draws for each call
+            generator.manual_seed((generator.initial_seed() + steps) % 2**63)
+        if not initialised:
+            self._check_parameters(X)
+            self._initialize(Xt, generator, y=yt)
+            self._broadcast_initial_state()
+        else:
+            self._prepare_inference(device)
+        self.n_steps_ = steps
+        metrics = self._partial_fit_step(Xt, generator, y=yt)
+        if not isinstance(metrics, dict):
+            metrics = {"objective": metrics}
+        objective = self._global_objective(float(metrics["objective"]))
+        if not math.isfinite(objective):
+            raise TrainingDivergedError(
+                f"{type(self).__name__} diverged at partial_fit step {steps + 1}: the "
+                f"objective is {objective}. Try dtype='float64', scaling the data, more "
+                "regularisation or a smaller learning rate."
+            )
+        self.n_steps_ = steps + 1
+        self.lower_bound_ = objective
 
     def _run_iterations(self, X, y, generator, objective, init):
         history, converged, n_iter = [], False, 0
@@ -308,7 +553,7 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
                 metrics = self._fit_iteration(X, generator, y=y)
                 if not isinstance(metrics, dict):
                     metrics = {"objective": metrics}
-                objective = float(metrics["objective"])
+                objective = self._global_objective(float(metrics["objective"]))
                 if not math.isfinite(objective):
                     raise TrainingDivergedError(
                         f"{type(self).__name__} diverged at iteration {n_iter} of "
@@ -333,7 +578,7 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         }
 
     def _progress_bar(self, init):
-        if not self.verbose or self.max_iter == 0:
+        if not self.verbose or self.max_iter == 0 or not _distributed.is_main_process():
             return None
         from tqdm.auto import tqdm
 

@@ -30,6 +30,9 @@ __all__ = [
     "log_gaussian_prob",
     "normalize_log_prob",
     "SufficientStatistics",
+    "blend_moments",
+    "moments_from_parameters",
+    "parameters_from_moments",
     "mfa_log_prob",
     "mfa_sample",
     "mfa_covariances",
@@ -171,11 +174,11 @@ def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=Non
     if covariance_type == "full":
         projected = X @ precisions_cholesky.permute(1, 0, 2).reshape(n_features, -1)
         projected_means = torch.einsum("kd,kde->ke", means, precisions_cholesky)
-        diff = projected.view(n_samples, n_components, n_features) - projected_means
-        mahalanobis = diff.square().sum(-1)
+        diff = projected.view(n_samples, n_components, n_features).sub_(projected_means)
+        mahalanobis = diff.mul_(diff).sum(-1)
     elif covariance_type == "tied":
         diff = (X @ precisions_cholesky)[:, None, :] - (means @ precisions_cholesky)
-        mahalanobis = diff.square().sum(-1)
+        mahalanobis = diff.mul_(diff).sum(-1)
     elif covariance_type == "diag":
         precisions = precisions_cholesky.square()
         mahalanobis = (
@@ -253,8 +256,10 @@ class SufficientStatistics:
         self.resp_sum += resp.sum(0)
         self.first += resp.T @ Xc
         if self.covariance_type == "full":
-            centred = Xc[None, :, :] - self.reference[:, None, :]
-            self.second += (centred * resp.T[:, :, None]).transpose(1, 2) @ centred
+            # one (d, n) @ (n, d) product per component: cache-friendly, no (K, n, d)
+            for k in range(resp.shape[1]):
+                centred = Xc - self.reference[k]
+                self.second[k].addmm_((centred * resp[:, k : k + 1]).T, centred)
         elif self.covariance_type == "tied":
             self.second += Xc.T @ Xc
         else:
@@ -262,14 +267,28 @@ class SufficientStatistics:
 
     def add_exact(self, X, resp, means):
         """Add second moments of rows ``X`` exactly centred on ``means``."""
-        centred = X[None, :, :] - means[:, None, :]
-        weighted = centred * resp.T[:, :, None]
-        if self.covariance_type in ("full", "tied"):
-            second = weighted.transpose(1, 2) @ centred
-            self.second += second if self.covariance_type == "full" else second.sum(0)
-        else:
-            self.second += (weighted * centred).sum(1)
+        for k in range(resp.shape[1]):
+            centred = X - means[k]
+            weighted = centred * resp[:, k : k + 1]
+            if self.covariance_type == "full":
+                self.second[k].addmm_(weighted.T, centred)
+            elif self.covariance_type == "tied":
+                self.second.addmm_(weighted.T, centred)
+            else:
+                self.second[k] += (weighted * centred).sum(0)
         self._exact = True
+
+    def reduce(self, partition, second_only=False):
+        """Sum the statistics over the processes of a distributed fit
+        (:class:`~skdeepmix._distributed.RowPartition`; no-op for one)."""
+        if partition is None or not partition.active:
+            return self
+        if second_only:
+            partition.sum(self.second)
+        else:
+            partition.sum(self.resp_sum, self.first, self.second)
+            self.sum_log_prob = partition.sum_scalar(self.sum_log_prob)
+        return self
 
     def reset_second_moments(self):
         """Forget the second moments (before an exact pass)."""
@@ -329,6 +348,60 @@ class SufficientStatistics:
         return not getattr(self, "_exact", False) and not (
             loss_of_precision < 1.0 / math.sqrt(eps)
         )
+
+
+def _outer(delta):
+    return delta[..., :, None] * delta[..., None, :]
+
+
+def blend_moments(old, new, rho, covariance_type):
+    """``(1 - rho) * old + rho * new`` of normalised mixture statistics.
+
+    The statistics are dicts of ``weights`` (K,) (fractions of the data),
+    ``means`` (K, d) and within-component ``covariances`` without
+    regularisation (shape of :func:`covariance_shape`; 'tied' is the pooled
+    within-component covariance). The mixture of the two sets of moments is
+    formed centred (Chan et al.'s parallel update), never as ``E[x²] − E[x]²``.
+    """
+    a, b = 1.0 - rho, rho
+    w1, w2 = a * old["weights"], b * new["weights"]
+    weights = w1 + w2
+    safe = weights.clamp_min(torch.finfo(weights.dtype).tiny)
+    means = (w1[:, None] * old["means"] + w2[:, None] * new["means"]) / safe[:, None]
+    d1, d2 = old["means"] - means, new["means"] - means
+    c1, c2 = old["covariances"], new["covariances"]
+    if covariance_type == "full":
+        cov = (w1[:, None, None] * (c1 + _outer(d1)) + w2[:, None, None] * (c2 + _outer(d2)))
+        cov = cov / safe[:, None, None]
+    elif covariance_type == "diag":
+        cov = (w1[:, None] * (c1 + d1.square()) + w2[:, None] * (c2 + d2.square())) / safe[:, None]
+    elif covariance_type == "spherical":
+        cov = (w1 * (c1 + d1.square().mean(1)) + w2 * (c2 + d2.square().mean(1))) / safe
+    else:  # tied: pooled within-component covariance
+        between = (w1[:, None, None] * _outer(d1) + w2[:, None, None] * _outer(d2)).sum(0)
+        cov = (w1.sum() * c1 + w2.sum() * c2 + between) / safe.sum()
+    return {"weights": weights, "means": means, "covariances": cov}
+
+
+def moments_from_parameters(weights, means, covariances, covariance_type, reg_covar):
+    """Normalised statistics (for :func:`blend_moments`) of fitted parameters."""
+    if covariance_type in ("full", "tied"):
+        eye = torch.eye(means.shape[1], dtype=means.dtype, device=means.device)
+        cov = covariances - reg_covar * eye
+    else:
+        cov = (covariances - reg_covar).clamp_min(0.0)
+    return {"weights": weights.clone(), "means": means.clone(), "covariances": cov}
+
+
+def parameters_from_moments(moments, covariance_type, reg_covar):
+    """``(weights, means, covariances)`` of the M-step from normalised statistics."""
+    weights = moments["weights"] / moments["weights"].sum()
+    cov = moments["covariances"]
+    if covariance_type in ("full", "tied"):
+        cov = cov + reg_covar * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    else:
+        cov = cov + reg_covar
+    return weights, moments["means"], cov
 
 
 def _second_moment_shape(covariance_type, n_components, n_features):
@@ -403,10 +476,11 @@ def mfa_log_prob(X, means, loadings, log_noise_var):
     proj = torch.einsum("nd,kdr->nkr", X, scaled) - torch.einsum(
         "kd,kdr->kr", means, scaled
     )
-    # b^T L^-1 b = |chol^-1 b|^2
-    solved = torch.linalg.solve_triangular(
-        chol.unsqueeze(0), proj.unsqueeze(-1), upper=False
-    ).squeeze(-1)
+    # b^T L^-1 b = |chol^-1 b|^2 (the R x R triangular inverse is formed once
+    # per component; a batched solve per sample is much slower)
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    solved = torch.einsum("kij,nkj->nki", chol_inv, proj)
     maha = quad - (solved * solved).sum(-1)
     maha = maha.clamp_min(0.0)
     return -0.5 * (n_features * math.log(2.0 * math.pi) + log_det + maha)

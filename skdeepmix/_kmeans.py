@@ -1,7 +1,13 @@
 """k-means++ seeding and Lloyd's k-means in torch, chunked over rows.
 
 Used to initialise the mixtures on the same device as the data, seeded by a
-:class:`torch.Generator`. Memory is bounded by the chunk size (plus one float
+:class:`torch.Generator`. ``X`` may be a tensor or any object with ``shape``,
+``device``, ``dtype`` and row indexing that returns tensors (e.g. the streamed
+:class:`~skdeepmix._torch_utils.RowSource`). With a ``partition``
+(:class:`~skdeepmix._distributed.RowPartition`) each process holds a shard of
+the rows and the result equals the single-process one on all the rows: the
+random draws use global row indices from the shared generator, the owner of a
+drawn row sends it to the others, and sums are all-reduced. Memory is bounded by the chunk size (plus one float
 and one label per sample). Distances are computed on data shifted by its mean,
 so that ``|x|² - 2 x·c + |c|²`` does not cancel catastrophically in float32
 for data far from the origin.
@@ -13,6 +19,7 @@ import math
 
 import torch
 
+from ._distributed import RowPartition, searchsorted_global
 from ._torch_utils import iter_row_chunks
 
 __all__ = ["kmeans_plusplus", "kmeans", "assign_labels"]
@@ -34,14 +41,28 @@ def _sample_proportional(weights_cumsum, n_draws, generator):
     return index.clamp_(max=weights_cumsum.numel() - 1)
 
 
-def _data_mean(X, chunk_size):
+def _data_mean(X, chunk_size, partition=None):
+    partition = _single(X, partition)
     total = torch.zeros(X.shape[1], dtype=X.dtype, device=X.device)
     for rows in iter_row_chunks(X.shape[0], chunk_size):
         total += X[rows].sum(0)
-    return total / X.shape[0]
+    return partition.sum(total) / partition.n_total
 
 
-def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536):
+class _Single(RowPartition):
+    """The trivial partition (all rows here), built without collectives."""
+
+    def setup(self, n_local):
+        self.n_local = self.n_total = int(n_local)
+        self.sizes, self.offset, self.active = [self.n_local], 0, False
+        return self
+
+
+def _single(X, partition):
+    return partition if partition is not None else RowPartition.__new__(_Single).setup(X.shape[0])
+
+
+def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536, *, partition=None):
     """Greedy k-means++ seeding (Arthur & Vassilvitskii, with local trials).
 
     Parameters
@@ -50,41 +71,49 @@ def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536):
     n_clusters : int
     generator : torch.Generator
     chunk_size : int, default=65536
+    partition : RowPartition, optional
+        This process's share of the rows (distributed fit).
 
     Returns
     -------
     centers : Tensor of shape (n_clusters, n_features)
     indices : LongTensor of shape (n_clusters,)
-        Rows of ``X`` chosen as centers.
+        Rows of ``X`` chosen as centers (global indices with a partition).
     """
-    n_samples = X.shape[0]
-    shift = _data_mean(X, chunk_size)
+    partition = _single(X, partition)
+    n_local, n_samples = X.shape[0], partition.n_total
+    shift = _data_mean(X, chunk_size, partition)
     n_trials = 2 + int(math.log(n_clusters))
     first = int(torch.randint(n_samples, (1,), generator=generator, device=X.device))
     indices = [first]
-    closest = _min_sq_dist_to(X, X[first : first + 1], chunk_size, shift)
+    closest = _min_sq_dist_to(X, partition.rows(X, [first]), chunk_size, shift)
     for _ in range(1, n_clusters):
         cumsum = torch.cumsum(closest, 0)
-        if float(cumsum[-1]) <= 0:  # fewer distinct points than clusters
+        if partition.sum_scalar(float(cumsum[-1])) <= 0:  # fewer distinct points than clusters
             candidates = torch.randint(
                 n_samples, (n_trials,), generator=generator, device=X.device
             )
+        elif partition.active:
+            u = torch.rand(n_trials, generator=generator, device=X.device, dtype=X.dtype)
+            total = partition.sum_scalar(float(cumsum[-1]))
+            candidates = searchsorted_global(partition, cumsum, u.double() * total)
         else:
             candidates = _sample_proportional(cumsum, n_trials, generator)
         potentials = torch.zeros(n_trials, dtype=X.dtype, device=X.device)
-        cand = X[candidates]
+        cand = partition.rows(X, candidates)
         cand_shifted = cand - shift
         cand_sq = cand_shifted.square().sum(1)
-        for rows in iter_row_chunks(n_samples, chunk_size):
+        for rows in iter_row_chunks(n_local, chunk_size):
             d2 = _squared_distances(X[rows] - shift, cand_shifted, cand_sq)
             potentials += torch.minimum(d2, closest[rows, None]).sum(0)
+        partition.sum(potentials)
         best = int(torch.argmin(potentials))
         indices.append(int(candidates[best]))
         closest = torch.minimum(
             closest, _min_sq_dist_to(X, cand[best : best + 1], chunk_size, shift)
         )
     indices = torch.tensor(indices, device=X.device)
-    return X[indices].clone(), indices
+    return partition.rows(X, indices).clone(), indices
 
 
 def _min_sq_dist_to(X, centers, chunk_size, shift):
@@ -108,7 +137,9 @@ def assign_labels(X, centers, chunk_size=65536, shift=None):
     return labels, dist
 
 
-def kmeans(X, n_clusters, generator, *, max_iter=300, tol=1e-4, chunk_size=65536):
+def kmeans(
+    X, n_clusters, generator, *, max_iter=300, tol=1e-4, chunk_size=65536, partition=None
+):
     """Lloyd's k-means from a k-means++ seeding (one initialisation).
 
     Parameters
@@ -121,19 +152,24 @@ def kmeans(X, n_clusters, generator, *, max_iter=300, tol=1e-4, chunk_size=65536
         Relative tolerance: convergence when the squared shift of the centers
         is below ``tol`` times the mean feature variance (as scikit-learn).
     chunk_size : int, default=65536
+    partition : RowPartition, optional
+        This process's share of the rows (distributed fit).
 
     Returns
     -------
     centers : Tensor of shape (n_clusters, n_features)
     labels : LongTensor of shape (n_samples,)
+        Labels of this process's rows.
     """
+    partition = _single(X, partition)
     n_samples, n_features = X.shape
-    centers, _ = kmeans_plusplus(X, n_clusters, generator, chunk_size)
-    mean = _data_mean(X, chunk_size)
+    centers, _ = kmeans_plusplus(X, n_clusters, generator, chunk_size, partition=partition)
+    mean = _data_mean(X, chunk_size, partition)
     variance = torch.zeros((), dtype=X.dtype, device=X.device)
     for rows in iter_row_chunks(n_samples, chunk_size):
         variance += (X[rows] - mean).square().sum()
-    threshold = tol * float(variance) / (n_samples * n_features)
+    partition.sum(variance)
+    threshold = tol * float(variance) / (partition.n_total * n_features)
     labels = None
     for _ in range(max_iter):
         new_labels, dist = assign_labels(X, centers, chunk_size, mean)
@@ -143,16 +179,17 @@ def kmeans(X, n_clusters, generator, *, max_iter=300, tol=1e-4, chunk_size=65536
             members = torch.nn.functional.one_hot(new_labels[rows], n_clusters).to(X.dtype)
             sums += members.T @ (X[rows] - mean)
             counts += members.sum(0)
+        partition.sum(sums, counts)
         new_centers = torch.where(
             counts[:, None] > 0, sums / counts.clamp_min(1)[:, None] + mean, centers
         )
         empty = torch.nonzero(counts == 0).flatten()
         if empty.numel():  # relocate empty clusters to the farthest points
-            far = torch.topk(dist, empty.numel()).indices
-            new_centers[empty] = X[far]
+            far = partition.topk(dist, empty.numel())
+            new_centers[empty] = partition.rows(X, far)
         shift = float((new_centers - centers).square().sum())
         centers = new_centers
-        same = labels is not None and bool(torch.equal(labels, new_labels))
+        same = partition.all_true(labels is not None and bool(torch.equal(labels, new_labels)))
         labels = new_labels
         if same or shift <= threshold:
             break

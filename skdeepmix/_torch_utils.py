@@ -15,6 +15,8 @@ __all__ = [
     "to_tensor",
     "to_numpy",
     "iter_row_chunks",
+    "is_out_of_core",
+    "RowSource",
 ]
 
 _DTYPES = {
@@ -141,3 +143,162 @@ def iter_row_chunks(n_rows, chunk_size):
     chunk_size = max(int(chunk_size), 1)
     for start in range(0, n_rows, chunk_size):
         yield slice(start, min(start + chunk_size, n_rows))
+
+
+# ------------------------------------------------------------ out-of-core rows
+def is_out_of_core(X):
+    """Whether ``X`` should be streamed in row chunks rather than loaded whole.
+
+    True for numpy memory maps (``np.memmap``, ``np.load(..., mmap_mode='r')``)
+    and for other 2-D array-likes with ``shape``, ``dtype`` and row slicing
+    that are not in-memory arrays (e.g. ``h5py`` or ``zarr`` arrays); False for
+    numpy arrays, tensors, lists, data frames and sparse matrices.
+    """
+    if isinstance(X, np.memmap):
+        return True
+    if isinstance(X, (np.ndarray, torch.Tensor, list, tuple)):
+        return False
+    try:
+        import scipy.sparse as sp
+
+        if sp.issparse(X):
+            return False
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(X, "iloc") or hasattr(X, "__dataframe__"):
+        return False
+    shape = getattr(X, "shape", None)
+    return (
+        shape is not None
+        and len(shape) == 2
+        and hasattr(X, "dtype")
+        and hasattr(X, "__getitem__")
+    )
+
+
+def _memmap_of(array):
+    """The ``mmap.mmap`` behind a numpy array (None when it is not mapped or
+    when it is a private copy-on-write mapping)."""
+    import mmap
+
+    node = array
+    while node is not None:
+        mm = getattr(node, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            return None if getattr(node, "mode", "r") == "c" else mm
+        if isinstance(node, mmap.mmap):
+            return node
+        node = getattr(node, "base", None)
+    return None
+
+
+class _PageReleaser:
+    """Drop the resident pages of a shared memory map after a chunk was read.
+
+    Pages of a file mapping count in the process's resident memory until the
+    kernel reclaims them; streaming a file larger than memory through
+    ``np.memmap`` would then show up as that much RSS (and push other
+    processes out). ``madvise(MADV_DONTNEED)`` on a *shared* file mapping only
+    unmaps them (the data stay in the file and the page cache, a later read
+    faults them in again), so it is safe at any time. Best effort: a no-op
+    where the platform or the array does not allow it.
+    """
+
+    def __init__(self, source):
+        self.mmap = None
+        try:
+            import mmap
+
+            if isinstance(source, np.ndarray) and hasattr(mmap, "MADV_DONTNEED"):
+                self.mmap = _memmap_of(source)
+                if self.mmap is not None:
+                    self.base = np.frombuffer(self.mmap, dtype=np.uint8).ctypes.data
+                    self.length = len(self.mmap)
+                    self.page = mmap.PAGESIZE
+                    self.advice = mmap.MADV_DONTNEED
+        except (TypeError, ValueError, AttributeError, OSError):
+            self.mmap = None
+
+    def __call__(self, chunk):
+        if self.mmap is None or not isinstance(chunk, np.ndarray) or chunk.size == 0:
+            return
+        if not (chunk.flags.c_contiguous or chunk.flags.f_contiguous):
+            return
+        start = chunk.ctypes.data - self.base
+        end = start + chunk.nbytes
+        if start < 0 or end > self.length:
+            return
+        start -= start % self.page
+        try:
+            self.mmap.madvise(self.advice, start, min(end, self.length) - start)
+        except (OSError, ValueError):  # pragma: no cover - best effort
+            self.mmap = None
+
+
+class RowSource:
+    """Rows of a large array-like, read and converted to tensors chunk by chunk.
+
+    Stands in for the data tensor in the training hooks of estimators that
+    stream (``_supports_out_of_core``): ``X.shape``, ``X.device``,
+    ``X.dtype``, ``X[slice]`` and ``X[index_tensor]`` behave as on a tensor,
+    but only the requested rows are read (and copied) from ``source``. Pages
+    of a memory-mapped source are released after each read, so that resident
+    memory stays bounded by the chunk size.
+
+    Parameters
+    ----------
+    source : array-like of shape (n_samples, n_features)
+        A ``np.memmap`` or any array-like with ``shape`` and row slicing.
+    device : torch.device
+    dtype : torch.dtype
+    """
+
+    def __init__(self, source, device, dtype):
+        self.source = source
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.shape = torch.Size(tuple(int(s) for s in source.shape))
+        self.ndim = len(self.shape)
+        self._release = _PageReleaser(source)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _read(self, index):
+        chunk = self.source[index]
+        array = np.asarray(chunk)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            tensor = torch.as_tensor(array)
+        if tensor.device == self.device and tensor.dtype == self.dtype:
+            tensor = tensor.clone()  # detach from the mapped pages
+        else:
+            tensor = tensor.to(device=self.device, dtype=self.dtype)
+        self._release(array)
+        return tensor
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._read(index)
+        if isinstance(index, int):
+            return self._read(slice(index, index + 1))[0]
+        if isinstance(index, torch.Tensor):
+            index = index.detach().cpu().numpy()
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size == 0:
+            return torch.empty(0, *self.shape[1:], device=self.device, dtype=self.dtype)
+        # sorted unique reads (h5py needs them; memmaps read less)
+        unique, inverse = np.unique(index, return_inverse=True)
+        rows = torch.stack([self._read(slice(int(i), int(i) + 1))[0] for i in unique]) \
+            if unique.size <= 64 else self._read(unique)
+        return rows[torch.as_tensor(inverse, device=self.device)]
+
+    def to(self, device=None, dtype=None):
+        """A RowSource of the same rows on another device/dtype."""
+        return RowSource(self.source, device or self.device, dtype or self.dtype)
+
+    def __repr__(self):
+        return (
+            f"RowSource({type(self.source).__name__}, shape={tuple(self.shape)}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )

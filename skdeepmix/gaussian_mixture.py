@@ -11,6 +11,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _gaussian as G
 from ._base import BaseDeepMixture
+from ._distributed import RowPartition, local_fit
 from ._kmeans import kmeans, kmeans_plusplus
 from ._torch_utils import iter_row_chunks, to_numpy, to_tensor
 
@@ -67,6 +68,31 @@ class GaussianMixture(BaseDeepMixture):
     chunk_size : int, default=None
         Rows processed at once. ``None`` picks a size that keeps temporaries
         around 64 MiB.
+    learning_offset : float, default=10.0
+        ``t0`` of the step size of :meth:`partial_fit` (stepwise EM):
+        ``rho_t = (learning_offset + t) ** -learning_decay`` at step ``t``.
+    learning_decay : float, default=0.7
+        ``kappa`` in (0.5, 1] for the convergence guarantees of stepwise EM
+        (any value in (0, 1] is accepted).
+
+    Notes
+    -----
+    Scaling up (see ``doc/scaling.md``):
+
+    * ``fit`` streams a ``np.memmap`` (or another array-like with row slicing,
+      e.g. h5py/zarr) chunk by chunk, validation included, and gives the same
+      result as on the loaded array.
+    * :meth:`partial_fit` is stepwise (online) EM (Cappé & Moulines, 2009;
+      Liang & Klein, 2009): the first call initialises the model on its batch
+      (``init_params``) and takes the batch's statistics; call ``t >= 1``
+      blends the batch's normalised sufficient statistics ``s_batch`` into the
+      running ones, ``s <- (1 - rho_t) s + rho_t s_batch`` (centred moments:
+      component fractions, means, within-component covariances), then the
+      M-step. ``n_steps_`` counts the calls.
+    * Under torch.distributed (e.g. ``torchrun``) each process passes its own
+      shard to ``fit``; the sufficient statistics and log-likelihoods are
+      all-reduced and the initialisations draw global row indices, so every
+      rank ends with the model of a single-process fit on all the shards.
 
     Attributes
     ----------
@@ -78,7 +104,10 @@ class GaussianMixture(BaseDeepMixture):
     converged_ : bool
     n_iter_ : int
     lower_bound_ : float
-        Mean log-likelihood of the best run (E-step of its last iteration).
+        Mean log-likelihood of the best run (E-step of its last iteration);
+        after :meth:`partial_fit`, that of the last batch.
+    n_steps_ : int
+        Number of :meth:`partial_fit` calls since the last initialisation.
     lower_bounds_ : list of float
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (n_features_in_,)
@@ -107,7 +136,12 @@ class GaussianMixture(BaseDeepMixture):
         "precisions_init": ["array-like", None],
         "verbose_interval": [Interval(Integral, 1, None, closed="left")],
         "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+        "learning_offset": [Interval(Real, 0.0, None, closed="left")],
+        "learning_decay": [Interval(Real, 0.0, 1.0, closed="right")],
     }
+
+    _supports_out_of_core = True
+    _distributed_mode = "exact"
 
     def __init__(
         self,
@@ -129,6 +163,8 @@ class GaussianMixture(BaseDeepMixture):
         device="auto",
         dtype="float64",
         chunk_size=None,
+        learning_offset=10.0,
+        learning_decay=0.7,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -147,10 +183,20 @@ class GaussianMixture(BaseDeepMixture):
         self.device = device
         self.dtype = dtype
         self.chunk_size = chunk_size
+        self.learning_offset = learning_offset
+        self.learning_decay = learning_decay
 
     # ------------------------------------------------------------ validation
+    def _get_partition(self, X=None):
+        partition = getattr(self, "_partition", None)
+        if partition is None:
+            with local_fit():
+                partition = RowPartition(X.shape[0] if X is not None else 0)
+        return partition
+
     def _check_parameters(self, X):
-        n_samples, n_features = X.shape
+        n_features = X.shape[1]
+        n_samples = self._get_partition(X).n_total
         if n_samples < self.n_components:
             raise ValueError(
                 "Expected n_samples >= n_components but got n_components = "
@@ -172,12 +218,14 @@ class GaussianMixture(BaseDeepMixture):
     def _rows_per_chunk(self):
         if self.chunk_size is not None:
             return int(self.chunk_size)
-        # ~64 MiB of float64 temporaries per chunk
-        return int(min(max(2**23 // self._work_per_row(), 512), 2**17))
+        # about 2**20 values (8 MiB in float64) per temporary: large enough for
+        # efficient matrix products, small enough to stay in the CPU caches
+        return int(min(max(2**20 // self._work_per_row(), 256), 2**16))
 
     # -------------------------------------------------------- initialisation
     def _initialize(self, X, generator, y=None):
-        n_samples = X.shape[0]
+        n_samples = self._get_partition(X).n_total
+        self._online_stats = None
         tensor = lambda a: to_tensor(a, X.device, X.dtype)  # noqa: E731
         if all(p is not None for p in (self._weights_init, self._means_init, self._precisions_init)):
             params = {}
@@ -204,31 +252,32 @@ class GaussianMixture(BaseDeepMixture):
 
     def _initial_responsibilities(self, X, generator):
         """A function ``rows -> resp`` (so that no (n, K) matrix is stored)."""
-        n_samples, K = X.shape[0], self.n_components
+        partition = self._get_partition(X)
+        n_samples, K = partition.n_total, self.n_components
         chunk = self._rows_per_chunk()
         if self.init_params == "kmeans":
-            _, labels = kmeans(X, K, generator, chunk_size=chunk)
+            _, labels = kmeans(X, K, generator, chunk_size=chunk, partition=partition)
             return lambda rows: _one_hot(labels[rows], K, X.dtype)
         if self.init_params == "random":
             seed = int(torch.randint(2**62, (1,), generator=generator, device=X.device))
-
-            def random_resp(rows):
-                local = torch.Generator(device=X.device)
-                local.manual_seed(seed + rows.start)
-                resp = torch.rand(
-                    rows.stop - rows.start, K, generator=local, device=X.device, dtype=X.dtype
-                )
-                return resp / resp.sum(1, keepdim=True)
-
-            return random_resp
+            offset = partition.offset
+            return lambda rows: _random_resp(seed, rows, offset, K, X.dtype, X.device)
         if self.init_params == "random_from_data":
             indices = torch.randperm(n_samples, generator=generator, device=X.device)[:K]
         else:  # k-means++
-            _, indices = kmeans_plusplus(X, K, generator, chunk_size=chunk)
-        return lambda rows: _one_hot_at(indices, rows, K, X.dtype, X.device)
+            _, indices = kmeans_plusplus(X, K, generator, chunk_size=chunk, partition=partition)
+        local = indices - partition.offset  # global -> local row indices
+        return lambda rows: _one_hot_at(local, rows, K, X.dtype, X.device)
 
     def _parameters_from_responsibilities(self, X, resp_of_rows):
-        center = X[: min(X.shape[0], 4096)].mean(0)
+        partition = self._get_partition(X)
+        if partition.active:  # the mean of the first 4096 rows of all the shards
+            n_head = min(partition.n_total, 4096)
+            local_head = max(0, min(X.shape[0], n_head - partition.offset))
+            center = X[:local_head].sum(0) if local_head else X[:1].sum(0) * 0
+            center = partition.sum(center) / n_head
+        else:
+            center = X[: min(X.shape[0], 4096)].mean(0)
         stats = G.SufficientStatistics(
             self.covariance_type,
             center.expand(self.n_components, -1),
@@ -237,32 +286,50 @@ class GaussianMixture(BaseDeepMixture):
         chunks = list(iter_row_chunks(X.shape[0], self._rows_per_chunk()))
         for rows in chunks:
             stats.add(X[rows], resp_of_rows(rows))
+        stats.reduce(partition)
         nk, means, covariances, loss = stats.mixture_parameters(self.reg_covar)
         if stats.needs_exact_pass(loss):
             stats.reset_second_moments()
             for rows in chunks:
                 stats.add_exact(X[rows], resp_of_rows(rows), means)
+            stats.reduce(partition, second_only=True)
             nk, means, covariances, _ = stats.mixture_parameters(self.reg_covar)
         return nk, means, covariances
 
     # ------------------------------------------------------------------- EM
-    def _fit_iteration(self, X, generator, y=None):
-        """One E-step + M-step; returns the E-step's mean log-likelihood."""
+    def _e_step_parameters(self, X, reg_covar):
+        """E-step over all (chunks of) rows and the M-step's parameters.
+
+        Returns ``(mean_log_likelihood, nk, means, covariances, n_total)``; the
+        statistics are summed over the processes of a distributed fit.
+        """
+        partition = self._get_partition(X)
         params = self._params
         center = params["weights"] @ params["means"]
         stats = G.SufficientStatistics(self.covariance_type, params["means"], center)
         chunks = list(iter_row_chunks(X.shape[0], self._rows_per_chunk()))
         for rows in chunks:
-            log_prob_norm, resp = G.normalize_log_prob(self._estimate_weighted_log_prob(X[rows]))
-            stats.add(X[rows], resp, log_prob_norm)
-        mean_log_likelihood = stats.sum_log_prob / X.shape[0]
-        nk, means, covariances, loss = stats.mixture_parameters(self.reg_covar)
+            chunk = X[rows]
+            log_prob_norm, resp = G.normalize_log_prob(self._estimate_weighted_log_prob(chunk))
+            stats.add(chunk, resp, log_prob_norm)
+        stats.reduce(partition)
+        mean_log_likelihood = stats.sum_log_prob / partition.n_total
+        nk, means, covariances, loss = stats.mixture_parameters(reg_covar)
         if stats.needs_exact_pass(loss):
             stats.reset_second_moments()
             for rows in chunks:
-                _, resp = G.normalize_log_prob(self._estimate_weighted_log_prob(X[rows]))
-                stats.add_exact(X[rows], resp, means)
-            nk, means, covariances, _ = stats.mixture_parameters(self.reg_covar)
+                chunk = X[rows]
+                _, resp = G.normalize_log_prob(self._estimate_weighted_log_prob(chunk))
+                stats.add_exact(chunk, resp, means)
+            stats.reduce(partition, second_only=True)
+            nk, means, covariances, _ = stats.mixture_parameters(reg_covar)
+        return mean_log_likelihood, nk, means, covariances, partition.n_total
+
+    def _fit_iteration(self, X, generator, y=None):
+        """One E-step + M-step; returns the E-step's mean log-likelihood."""
+        mean_log_likelihood, nk, means, covariances, _ = self._e_step_parameters(
+            X, self.reg_covar
+        )
         self._params = {
             "weights": nk / nk.sum(),
             "means": means,
@@ -271,6 +338,46 @@ class GaussianMixture(BaseDeepMixture):
                 covariances, self.covariance_type
             ),
         }
+        return mean_log_likelihood
+
+    # ----------------------------------------------------- stepwise EM
+    def _step_size(self, step):
+        """``rho_t = (learning_offset + t) ** -learning_decay`` (``t >= 1``)."""
+        return float((self.learning_offset + step) ** -self.learning_decay)
+
+    def _partial_fit_step(self, X, generator, y=None):
+        """One stepwise-EM step on the batch ``X``; returns its mean log-likelihood."""
+        params = self._params
+        dtype, device = params["means"].dtype, params["means"].device
+        mean_log_likelihood, nk, means, covariances, n_total = self._e_step_parameters(X, 0.0)
+        batch = {"weights": nk / n_total, "means": means, "covariances": covariances}
+        running = getattr(self, "_online_stats", None)
+        if running is not None:
+            running = {k: v.to(device=device, dtype=dtype) for k, v in running.items()}
+        elif hasattr(self, "converged_"):  # continue a model fitted by ``fit``
+            running = G.moments_from_parameters(
+                params["weights"], params["means"], params["covariances"],
+                self.covariance_type, self.reg_covar,
+            )
+        if running is None:  # first step after the initialisation
+            running = batch
+        else:
+            rho = self._step_size(max(self.n_steps_, 1))
+            running = G.blend_moments(running, batch, rho, self.covariance_type)
+        self._online_stats = running
+        weights, means, covariances = G.parameters_from_moments(
+            running, self.covariance_type, self.reg_covar
+        )
+        self._set_state(
+            {
+                "weights": weights,
+                "means": means,
+                "covariances": covariances,
+                "precisions_cholesky": G.precision_cholesky_from_covariances(
+                    covariances, self.covariance_type
+                ),
+            }
+        )
         return mean_log_likelihood
 
     def _estimate_weighted_log_prob(self, X):
@@ -354,6 +461,25 @@ class GaussianMixture(BaseDeepMixture):
 # ----------------------------------------------------------------- helpers
 def _one_hot(labels, n_components, dtype):
     return torch.nn.functional.one_hot(labels, n_components).to(dtype)
+
+
+_RANDOM_BLOCK = 4096
+
+
+def _random_resp(seed, rows, offset, n_components, dtype, device):
+    """Random responsibilities of rows ``rows`` (local) of a shard starting at
+    global row ``offset``: drawn per fixed block of global rows, so that they
+    depend neither on the chunking nor on the sharding."""
+    start, stop = rows.start + offset, rows.stop + offset
+    parts = []
+    for block in range(start // _RANDOM_BLOCK, (stop - 1) // _RANDOM_BLOCK + 1):
+        first = block * _RANDOM_BLOCK
+        generator = torch.Generator(device=device)
+        generator.manual_seed((seed + block) % 2**63)
+        values = torch.rand(_RANDOM_BLOCK, n_components, generator=generator, device=device, dtype=dtype)
+        parts.append(values[max(start, first) - first : min(stop, first + _RANDOM_BLOCK) - first])
+    resp = torch.cat(parts)
+    return resp / resp.sum(1, keepdim=True)
 
 
 def _one_hot_at(indices, rows, n_components, dtype, device):
