@@ -1,0 +1,325 @@
+"""Tests of the CPMM estimator, its MFA density, flow teacher and toy data sets."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skdeepmix._gaussian import mfa_covariances, mfa_log_prob, mfa_sample
+from skdeepmix.cpmm import CPMMEstimator
+from skdeepmix.datasets._toy import make_broken_rings, make_spiral_arms
+from skdeepmix.nn.flows import CNF
+
+SMALL = dict(
+    n_clusters=2,
+    n_components_per_cluster=3,
+    rank=1,
+    hidden_size=8,
+    augment_factor=1.0,
+    curriculum=None,
+    max_iter=2,
+    batch_size=64,
+    ode_step_size=0.5,
+    random_state=0,
+)
+
+
+def _small(**kw):
+    return CPMMEstimator(**{**SMALL, **kw})
+
+
+# ----------------------------------------------------------------- MFA numerics
+@pytest.mark.parametrize("rank", [1, 3])
+def test_mfa_log_prob_matches_scipy(rank):
+    g = torch.Generator().manual_seed(0)
+    K, D, n = 3, 5, 7
+    X = torch.randn(n, D, generator=g, dtype=torch.float64)
+    means = torch.randn(K, D, generator=g, dtype=torch.float64)
+    A = torch.randn(K, D, rank, generator=g, dtype=torch.float64)
+    log_d = 0.5 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    got = mfa_log_prob(X, means, A, log_d).numpy()
+    assert got.shape == (n, K)
+    for k in range(K):
+        cov = A[k].numpy() @ A[k].numpy().T + np.diag(np.exp(log_d[k].numpy()))
+        expected = multivariate_normal(means[k].numpy(), cov).logpdf(X.numpy())
+        np.testing.assert_allclose(got[:, k], expected, rtol=1e-10, atol=1e-10)
+    dense = mfa_covariances(A, log_d).numpy()
+    np.testing.assert_allclose(dense[K - 1], cov)
+    assert np.all(np.linalg.eigvalsh(dense) > 0)
+
+
+def test_mfa_sample_covariance():
+    g = torch.Generator().manual_seed(1)
+    D, R = 3, 2
+    means = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    A = torch.randn(1, D, R, generator=g, dtype=torch.float64)
+    log_d = torch.full((1, D), -1.0, dtype=torch.float64)
+    comps = torch.zeros(40000, dtype=torch.long)
+    S = mfa_sample(means, A, log_d, comps, g).numpy()
+    np.testing.assert_allclose(S.mean(0), means[0].numpy(), atol=0.03)
+    np.testing.assert_allclose(np.cov(S.T), mfa_covariances(A, log_d)[0].numpy(), atol=0.05)
+
+
+# ------------------------------------------------------------------ estimator
+@parametrize_with_checks([_small()])
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def rings():
+    X, y = make_broken_rings(300, random_state=0)
+    return X, y
+
+
+def test_extracted_mixture_equals_ode(rings):
+    X, _ = rings
+    est = _small(keep_ode=True, dtype="float64", max_iter=3, n_components_per_cluster=5)
+    est.fit(X)
+    via_components = est.score_samples(X)
+    via_ode = est.score_samples_ode(X)
+    np.testing.assert_allclose(via_components, via_ode, rtol=1e-10, atol=1e-10)
+    # other pseudotimes give another mixture (the ODE really is solved)
+    other = est.score_samples_ode(X, pseudotimes=[0.0, 0.3, 0.7])
+    assert not np.allclose(other, via_ode)
+    # the ODE is dropped by default
+    light = _small(dtype="float64", max_iter=3, n_components_per_cluster=5).fit(X)
+    assert not hasattr(light, "module_")
+    np.testing.assert_allclose(light.score_samples(X), via_components)
+    with pytest.raises(ValueError, match="keep_ode=True"):
+        light.score_samples_ode(X)
+
+
+def test_public_attributes_reproduce_density(rings):
+    X, _ = rings
+    est = _small(dtype="float64", max_iter=3).fit(X)
+    C, G = est.weights_.shape
+    assert est.means_.shape == (C, G, 2)
+    assert est.factor_loadings_.shape == (C, G, 2, 1)
+    assert est.noise_variance_.shape == (C, G, 2)
+    np.testing.assert_allclose(est.weights_.sum(), 1.0)
+    np.testing.assert_allclose(est.cluster_weights_, est.weights_.sum(1))
+    log_comp = np.empty((len(X), C, G))
+    for c in range(C):
+        for j in range(G):
+            A = est.factor_loadings_[c, j]
+            cov = A @ A.T + np.diag(est.noise_variance_[c, j])
+            log_comp[:, c, j] = np.log(est.weights_[c, j]) + multivariate_normal(
+                est.means_[c, j], cov
+            ).logpdf(X)
+    np.testing.assert_allclose(est.score_samples(X), logsumexp(log_comp, (1, 2)), rtol=1e-8)
+    joint = logsumexp(log_comp, 2)
+    proba = np.exp(joint - logsumexp(joint, 1, keepdims=True))
+    np.testing.assert_allclose(est.predict_proba(X), proba, atol=1e-8)
+    np.testing.assert_array_equal(est.predict(X), proba.argmax(1))
+
+
+def test_api_outputs(rings):
+    X, _ = rings
+    est = _small(n_clusters=3)
+    labels = est.fit_predict(X)
+    np.testing.assert_array_equal(labels, est.predict(X))
+    assert est.predict_proba(X).shape == (len(X), 3)
+    S, yS = est.sample(50)
+    assert S.shape == (50, 2) and set(yS) <= {0, 1, 2}
+    n_par = 3 * 3 * 2 * (1 + 2) + 2
+    assert est._n_parameters() == n_par
+    assert np.isfinite(est.bic(X)) and np.isfinite(est.aic(X))
+    np.testing.assert_allclose(est.bic(X) - est.aic(X), n_par * (np.log(len(X)) - 2))
+    assert len(est.history_) == est.n_iter_
+    assert {"objective", "loss", "entropy"} <= set(est.history_[0])
+    restored = pickle.loads(pickle.dumps(est))
+    np.testing.assert_allclose(restored.score_samples(X), est.score_samples(X))
+
+
+def test_training_improves_likelihood():
+    from sklearn.datasets import make_blobs
+
+    X, _ = make_blobs(300, centers=[[-3, 0], [3, 0], [0, 4], [0, -4]], cluster_std=0.3,
+                      random_state=0)
+    kw = dict(tol=0, learning_rate=1e-2, hidden_size=32, n_components_per_cluster=6,
+              pseudotimes="fixed", batch_size=32)
+    short = _small(max_iter=1, **kw).fit(X)
+    long = _small(max_iter=15, **kw).fit(X)
+    assert long.score(X) > short.score(X) + 0.3
+
+
+def test_trajectory_prefit_spreads_components():
+    from sklearn.datasets import make_blobs
+
+    X, _ = make_blobs(300, centers=[[-3, 0], [3, 0], [0, 4], [0, -4]], cluster_std=0.3,
+                      random_state=0)
+    plain = _small(max_iter=1, n_components_per_cluster=6).fit(X)
+    prefit = _small(max_iter=1, n_components_per_cluster=6, init_trajectory_steps=60).fit(X)
+    spread = lambda est: np.ptp(est.means_, axis=1).max()  # noqa: E731
+    assert spread(prefit) > spread(plain) + 0.5
+
+
+def test_seeded_determinism(rings):
+    X, _ = rings
+    a = _small(random_state=3).fit(X)
+    b = _small(random_state=3).fit(X)
+    c = _small(random_state=4).fit(X)
+    np.testing.assert_array_equal(a.means_, b.means_)
+    np.testing.assert_array_equal(a.sample(20)[0], b.sample(20)[0])
+    assert not np.allclose(a.means_, c.means_)
+
+
+def test_curriculum_tiny(rings):
+    X, _ = rings
+    est = _small(curriculum="flow", n_spaces=3, teacher_max_iter=2, teacher_hidden_size=8,
+                 keep_teacher=True, max_iter=1)
+    est.fit(X)
+    assert [round(h["v"], 3) for h in est.curriculum_history_] == [1.0, 0.5, 0.0]
+    assert len(est.teacher_history_) == 2
+    assert isinstance(est.teacher_, CNF)
+    assert np.all(np.isfinite(est.score_samples(X)))
+    again = _small(curriculum="flow", n_spaces=3, teacher_max_iter=2, teacher_hidden_size=8,
+                   max_iter=1).fit(X)
+    assert not hasattr(again, "teacher_")
+    np.testing.assert_array_equal(again.means_, est.means_)
+
+
+def test_curriculum_kmeans_start(rings):
+    X, _ = rings
+    est = _small(curriculum="flow", curriculum_init="kmeans", n_spaces=2,
+                 teacher_max_iter=1, teacher_hidden_size=8, max_iter=1)
+    est.fit(X)
+    assert len(est.curriculum_history_) == 2
+    assert np.all(np.isfinite(est.score_samples(X)))
+
+
+def test_flow_teacher_transform_and_training():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 2, generator=g, dtype=torch.float64) * torch.tensor([2.0, 0.3],
+                                                                             dtype=torch.float64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        flow = CNF(2, hidden=16, step_size=0.25).double()
+    times = torch.linspace(0, 1, 4, dtype=torch.float64)
+    spaces = flow.transform(X, times)
+    assert spaces.shape == (4, 256, 2)
+    torch.testing.assert_close(spaces[0], X)
+    before = float(flow.log_prob(X, g).mean())
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = -flow.log_prob(X, g).mean()
+        loss.backward()
+        opt.step()
+    after = float(flow.log_prob(X, g).mean())
+    assert after > before + 0.2
+
+
+def test_logit_images_cnn():
+    rng = np.random.RandomState(0)
+    X = rng.randint(0, 256, size=(120, 16)) / 255.0
+    est = _small(image_shape=(4, 4), preprocessing="logit", max_iter=1, keep_ode=True,
+                 dtype="float64", hidden_size=4)
+    est.fit(X)
+    a = 1e-6
+    s = a + (1 - 2 * a) * X
+    log_jac = (np.log(1 - 2 * a) - np.log(s) - np.log1p(-s)).sum(1)
+    # score = mixture density in logit space + log-Jacobian
+    Y = np.log(s) - np.log1p(-s)
+    C, G = est.weights_.shape
+    logits = []
+    for c in range(C):
+        for j in range(G):
+            A = est.factor_loadings_[c, j]
+            cov = A @ A.T + np.diag(est.noise_variance_[c, j])
+            logits.append(np.log(est.weights_[c, j])
+                          + multivariate_normal(est.means_[c, j], cov).logpdf(Y))
+    expected = logsumexp(np.array(logits), 0) + log_jac
+    np.testing.assert_allclose(est.score_samples(X), expected, rtol=1e-8)
+    np.testing.assert_allclose(est.score_samples_ode(X), expected, rtol=1e-8)
+    S, _ = est.sample(30)
+    assert S.min() >= 0 and S.max() <= 1
+    assert est.trajectory_means().shape == (C, G, 16)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        est.score_samples(X * 2)
+
+
+def test_warm_start_continues(rings):
+    X, _ = rings
+    est = _small(warm_start=True, max_iter=2, tol=0)
+    est.fit(X)
+    assert hasattr(est, "module_")
+    first = est.history_
+    est.fit(X)
+    assert est.n_iter_ == 2 and est.history_ != first
+
+
+@pytest.mark.parametrize(
+    "params, X, match",
+    [
+        (dict(n_clusters=50), np.random.RandomState(0).rand(20, 2), "n_clusters"),
+        (dict(image_shape=(3, 3)), np.random.RandomState(0).rand(20, 4), "image_shape"),
+        (dict(image_shape=(2, -2)), np.random.RandomState(0).rand(20, 4), "image_shape"),
+        (dict(preprocessing="logit"), 3 * np.random.RandomState(0).rand(20, 4), r"\[0, 1\]"),
+        (dict(rank=5), np.random.RandomState(0).rand(20, 4), "rank"),
+        (dict(curriculum="spaces"), np.random.RandomState(0).rand(20, 4), "curriculum"),
+        (dict(ode_method="rk5"), np.random.RandomState(0).rand(20, 4), "ode_method"),
+        (dict(activation="relu"), np.random.RandomState(0).rand(20, 4), "activation"),
+        (dict(n_spaces=1), np.random.RandomState(0).rand(20, 4), "n_spaces"),
+    ],
+)
+def test_bad_parameters(params, X, match):
+    with pytest.raises(ValueError, match=match):
+        _small(**params).fit(X)
+
+
+def test_not_fitted():
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        _small().predict(np.zeros((2, 2)))
+
+
+# ------------------------------------------------------------------ toy data
+def test_toy_data_sets():
+    X, y = make_broken_rings(400, random_state=0)
+    X2, y2 = make_broken_rings(400, random_state=0)
+    np.testing.assert_array_equal(X, X2)
+    r = np.hypot(X[:, 0], X[:, 1])
+    ratio = np.median(r[y == 1]) / np.median(r[y == 0])
+    assert abs(ratio - 1.1) < 0.01
+    angle = np.arctan2(X[:, 1], X[:, 0])
+    assert not np.any((y == 0) & (np.abs(angle) < np.pi / 6 - 1e-9))  # the inner gap
+    S, lab = make_spiral_arms(500, random_state=1)
+    assert S.shape == (500, 2) and set(lab) == {-1, 0, 1, 2, 3, 4}
+    assert (lab == -1).sum() == 25
+    with pytest.raises(ValueError):
+        make_spiral_arms(10, outlier_fraction=1.5)
+
+
+@pytest.mark.parametrize("interp", ["linear", "cubic"])
+def test_trajectory_interpolation_matches_torchdiffeq(interp):
+    from torchdiffeq import odeint
+
+    from skdeepmix.nn.cpmm import CPMMNet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = CPMMNet(3, 2, 1, hidden=8, step_size=0.25, interp=interp).double()
+        with torch.no_grad():
+            net.initial_state.normal_()
+    times = torch.tensor([0.05, 0.3, 0.5, 0.77, 1.0], dtype=torch.float64)
+    ours = net.trajectory(times)
+    grid = torch.cat([times.new_zeros(1), times])
+    ref = odeint(net.func, net.initial_state, grid, method="rk4",
+                 options={"step_size": 0.25, "interp": interp})[1:].transpose(0, 1)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fit_restores_torch_threads(rings):
+    X, _ = rings
+    before = torch.get_num_threads()
+    _small(n_threads=1).fit(X)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="n_threads"):
+        _small(n_threads=0).fit(X)
