@@ -5,6 +5,7 @@ from .cpmm import CPMMEstimator
 from .dcgmm import DCGMMEstimator
 from .deep_gmm import DeepGMMEstimator
 from .gaussian_mixture import GaussianMixture
+from .gmvae_dpgmm import GMVAEDPGMM
 
 __version__ = "0.1.0.dev0"
 
@@ -13,6 +14,7 @@ __all__ = [
     "CPMMEstimator",
     "DCGMMEstimator",
     "DeepGMMEstimator",
+    "GMVAEDPGMM",
     "BaseDeepMixture",
     "TrainingDivergedError",
     "__version__",

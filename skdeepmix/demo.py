@@ -70,6 +70,9 @@ _DEEP_MODELS = [
      "DeepGMMEstimator", {"layer_sizes": (3, 8), "reg_covar": 1e-2}),
     ("DCGMMEstimator F(3,1)-G(25)-F-G(25) [top-G ll]", "skdeepmix.dcgmm", "DCGMMEstimator",
      {"layers": "F(3,1)-G(25)-F-G(25)", "image_shape": (8, 8), "max_iter": 30}),
+    ("GMVAEDPGMM (truncation 20) [IW estimate]", "skdeepmix.gmvae_dpgmm", "GMVAEDPGMM",
+     {"n_components": 20, "encoder_sizes": (256, 256), "batch_size": 64,
+      "pretrain_epochs": 20, "max_iter": 40, "tol": 0.0}),
 ]
 
 
@@ -110,6 +113,7 @@ def run(only=None, seed=0):
               f"{row['nmi']:6.3f} {row['accuracy']:6.3f} {'yes' if row['converged'] else 'no':>5s}")
     print("\ntest loglik: mean log-likelihood in nats per image of pixels scaled to [0, 1]."
           "\nconv: converged within max_iter (gradient-trained models often stop at max_iter)."
+          "\n[IW estimate]: importance-weighted estimate of log p(x) (a lower bound)."
           "\n[top-G ll]: DCGMM's score is its top layer's log-likelihood (the paper's"
           "\noutlier score), not a density of the pixels. See doc/ for each model.")
     return rows
