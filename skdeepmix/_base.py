@@ -531,18 +531,24 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         else:
             self._prepare_inference(device)
         self.n_steps_ = steps
-        metrics = self._partial_fit_step(Xt, generator, y=yt)
+        metrics, objective = self._checked_objective(
+            self._partial_fit_step(Xt, generator, y=yt), f"partial_fit step {steps + 1}"
+        )
+        self.n_steps_ = steps + 1
+        self.lower_bound_ = objective
+
+    def _checked_objective(self, metrics, where):
+        """``(metrics dict, global objective)``; raises when training diverged."""
         if not isinstance(metrics, dict):
             metrics = {"objective": metrics}
         objective = self._global_objective(float(metrics["objective"]))
         if not math.isfinite(objective):
             raise TrainingDivergedError(
-                f"{type(self).__name__} diverged at partial_fit step {steps + 1}: the "
-                f"objective is {objective}. Try dtype='float64', scaling the data, more "
+                f"{type(self).__name__} diverged at {where}: the objective is "
+                f"{objective}. Try float64 (dtype='float64'), scaling the data, more "
                 "regularisation or a smaller learning rate."
             )
-        self.n_steps_ = steps + 1
-        self.lower_bound_ = objective
+        return metrics, objective
 
     def _run_iterations(self, X, y, generator, objective, init):
         history, converged, n_iter = [], False, 0
@@ -550,17 +556,10 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         try:
             for n_iter in range(1, self.max_iter + 1):
                 previous = objective
-                metrics = self._fit_iteration(X, generator, y=y)
-                if not isinstance(metrics, dict):
-                    metrics = {"objective": metrics}
-                objective = self._global_objective(float(metrics["objective"]))
-                if not math.isfinite(objective):
-                    raise TrainingDivergedError(
-                        f"{type(self).__name__} diverged at iteration {n_iter} of "
-                        f"initialisation {init}: the objective is {objective}. "
-                        "Try float64 (dtype='float64'), scaling the data, more "
-                        "regularisation or a smaller learning rate."
-                    )
+                metrics, objective = self._checked_objective(
+                    self._fit_iteration(X, generator, y=y),
+                    f"iteration {n_iter} of initialisation {init}",
+                )
                 history.append({"iteration": n_iter, **_as_floats(metrics)})
                 change = objective - previous
                 self._report_iteration(progress, n_iter, objective, change)

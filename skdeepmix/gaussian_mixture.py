@@ -330,15 +330,19 @@ class GaussianMixture(BaseDeepMixture):
         mean_log_likelihood, nk, means, covariances, _ = self._e_step_parameters(
             X, self.reg_covar
         )
-        self._params = {
-            "weights": nk / nk.sum(),
+        self._params = self._parameters(nk / nk.sum(), means, covariances)
+        return mean_log_likelihood
+
+    def _parameters(self, weights, means, covariances):
+        """The parameter dict, with the precision Cholesky factors computed."""
+        return {
+            "weights": weights,
             "means": means,
             "covariances": covariances,
             "precisions_cholesky": G.precision_cholesky_from_covariances(
                 covariances, self.covariance_type
             ),
         }
-        return mean_log_likelihood
 
     # ----------------------------------------------------- stepwise EM
     def _step_size(self, step):
@@ -368,16 +372,7 @@ class GaussianMixture(BaseDeepMixture):
         weights, means, covariances = G.parameters_from_moments(
             running, self.covariance_type, self.reg_covar
         )
-        self._set_state(
-            {
-                "weights": weights,
-                "means": means,
-                "covariances": covariances,
-                "precisions_cholesky": G.precision_cholesky_from_covariances(
-                    covariances, self.covariance_type
-                ),
-            }
-        )
+        self._set_state(self._parameters(weights, means, covariances))
         return mean_log_likelihood
 
     def _estimate_weighted_log_prob(self, X):

@@ -1,0 +1,112 @@
+"""The shared base class and the torch helpers."""
+
+import math
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from skdeepmix import TrainingDivergedError
+from skdeepmix._base import BaseDeepMixture
+from skdeepmix._torch_utils import make_generator, resolve_device, resolve_dtype
+
+
+class ScriptedMixture(BaseDeepMixture):
+    """A one-component 'model' whose objective follows a given script."""
+
+    def __init__(self, objectives=(1.0, 2.0, 2.0), max_iter=10, tol=1e-3, n_init=1,
+                 random_state=None, warm_start=False, verbose=0, device="cpu",
+                 dtype="float64"):
+        self.objectives = objectives
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_init = n_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.device = device
+        self.dtype = dtype
+
+    def _initialize(self, X, generator, y=None):
+        self.mean_ = X.mean(0)
+        self._step = 0
+
+    def _fit_iteration(self, X, generator, y=None):
+        value = self.objectives[min(self._step, len(self.objectives) - 1)]
+        self._step += 1
+        return {"objective": value, "extra": 2 * value}
+
+    def _get_state(self):
+        return {"mean": self.mean_.clone()}
+
+    def _set_state(self, state):
+        self.mean_ = state["mean"]
+
+    def _estimate_weighted_log_prob(self, X):
+        return -0.5 * ((X - self.mean_) ** 2).sum(1, keepdim=True)
+
+
+X = np.random.RandomState(0).normal(size=(20, 3))
+
+
+def test_loop_converges_and_records_history():
+    model = ScriptedMixture().fit(X)
+    assert model.converged_ and model.n_iter_ == 3
+    assert model.lower_bounds_ == [1.0, 2.0, 2.0]
+    assert model.history_[0] == {"iteration": 1, "objective": 1.0, "extra": 2.0}
+    assert isinstance(model.mean_, torch.Tensor)
+
+
+def test_divergence_is_reported():
+    with pytest.raises(TrainingDivergedError, match="diverged at iteration 2"):
+        ScriptedMixture(objectives=(1.0, math.nan)).fit(X)
+    with pytest.raises(FloatingPointError):
+        ScriptedMixture(objectives=(1.0, math.inf)).fit(X)
+
+
+def test_convergence_warning():
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        ScriptedMixture(objectives=(1.0, 2.0, 3.0, 4.0), max_iter=3).fit(X)
+
+
+def test_inference_and_pickle_are_numpy_on_cpu():
+    model = ScriptedMixture().fit(X)
+    scores = model.score_samples(X)
+    assert isinstance(scores, np.ndarray) and scores.shape == (20,)
+    np.testing.assert_array_equal(model.predict(X), np.zeros(20))
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.mean_.device.type == "cpu"
+    np.testing.assert_array_equal(restored.score_samples(X), scores)
+
+
+def test_resolve_device_and_dtype():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="Invalid device"):
+        resolve_device("gpu-please")
+    with pytest.raises(TypeError, match="device must be"):
+        resolve_device(3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda:0")
+        assert resolve_device("cuda", fallback_to_cpu=True) == torch.device("cpu")
+    assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype(np.float64) is torch.float64
+    assert resolve_dtype(torch.float32) is torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int64")
+
+
+def test_generator_is_seeded_by_random_state():
+    a = torch.rand(3, generator=make_generator(5, torch.device("cpu")))
+    b = torch.rand(3, generator=make_generator(5, torch.device("cpu")))
+    c = torch.rand(3, generator=make_generator(6, torch.device("cpu")))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the global torch RNG is not touched
+        state = torch.random.get_rng_state()
+        make_generator(None, torch.device("cpu"))
+        assert torch.equal(state, torch.random.get_rng_state())
