@@ -173,11 +173,13 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         log_prob_norm = torch.logsumexp(weighted, dim=1)
         return log_prob_norm, weighted - log_prob_norm[:, None]
 
+    @abstractmethod
     def _sample(self, n_samples, generator):
-        raise NotImplementedError(f"{type(self).__name__} does not support sampling.")
+        """Draw ``n_samples`` from the fitted model: tensors ``(X, labels)``."""
 
+    @abstractmethod
     def _n_parameters(self):
-        raise NotImplementedError(f"{type(self).__name__} does not count parameters.")
+        """Number of free parameters of the fitted model (for ``bic``/``aic``)."""
 
     def _finalize_fit(self, X, y=None):
         """Called once after the best run is restored (e.g. to cache things)."""

@@ -48,6 +48,14 @@ class ScriptedMixture(BaseDeepMixture):
     def _estimate_weighted_log_prob(self, X):
         return -0.5 * ((X - self.mean_) ** 2).sum(1, keepdim=True)
 
+    def _sample(self, n_samples, generator):
+        noise = torch.randn(n_samples, self.mean_.numel(), generator=generator,
+                            dtype=self.mean_.dtype)
+        return self.mean_ + noise, torch.zeros(n_samples, dtype=torch.long)
+
+    def _n_parameters(self):
+        return self.mean_.numel()
+
 
 X = np.random.RandomState(0).normal(size=(20, 3))
 
@@ -77,6 +85,11 @@ def test_inference_and_pickle_are_numpy_on_cpu():
     scores = model.score_samples(X)
     assert isinstance(scores, np.ndarray) and scores.shape == (20,)
     np.testing.assert_array_equal(model.predict(X), np.zeros(20))
+    samples, labels = model.sample(5)
+    assert samples.shape == (5, 3) and labels.dtype == np.int64
+    seeded = ScriptedMixture(random_state=0).fit(X)
+    np.testing.assert_array_equal(seeded.sample(4)[0], seeded.sample(4)[0])
+    assert np.isfinite(seeded.bic(X)) and seeded.aic(X) < seeded.bic(X)
     restored = pickle.loads(pickle.dumps(model))
     assert restored.mean_.device.type == "cpu"
     np.testing.assert_array_equal(restored.score_samples(X), scores)
