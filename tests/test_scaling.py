@@ -125,6 +125,18 @@ class TinyGradientMixture(BaseDeepMixture):
     def _estimate_weighted_log_prob(self, X):
         return self.module_.weighted_log_prob(X)
 
+    def _sample(self, n_samples, generator):
+        module = self.module_
+        labels = torch.multinomial(
+            torch.softmax(module.logits, 0), n_samples, replacement=True, generator=generator
+        )
+        noise = torch.randn(n_samples, module.means.shape[1], generator=generator,
+                            dtype=module.means.dtype)
+        return module.means[labels] + noise * module.log_scales[labels].exp(), labels
+
+    def _n_parameters(self):
+        return sum(p.numel() for p in self.module_.parameters()) - 1
+
 
 def _tiny_params(**extra):
     return {"n_components": 3, "random_state": 0, "learning_rate": 0.05, **extra}
