@@ -113,7 +113,8 @@ def run(only=None, seed=0):
               f"{row['nmi']:6.3f} {row['accuracy']:6.3f} {'yes' if row['converged'] else 'no':>5s}")
     print("\ntest loglik: mean log-likelihood in nats per image of pixels scaled to [0, 1]."
           "\nconv: converged within max_iter (gradient-trained models often stop at max_iter)."
-          "\n[IW estimate]: importance-weighted estimate of log p(x) (a lower bound)."
+          "\n[IW estimate]: importance-weighted estimate (a lower bound) of log p(x) under a"
+          "\nBernoulli pixel likelihood: not comparable with the Gaussian densities."
           "\n[top-G ll]: DCGMM's score is its top layer's log-likelihood (the paper's"
           "\noutlier score), not a density of the pixels. See doc/ for each model.")
     return rows
