@@ -214,8 +214,8 @@ def write_report(results, big, args, elapsed):
         "Produced by `python benchmarks/bench_scaling.py"
         + (" --quick" if args.quick else "") + "`.",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared "
-        "with other jobs (timings are noisy, one thread per process). Data: a 16-component "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        "one thread per process. Data: a 16-component "
         f"Gaussian mixture, d={N_FEATURES}, float64. Model: K={N_COMPONENTS}, "
         f"init_params='random_from_data', max_iter={args.max_iter}, tol=0 (a fixed number of "
         "EM iterations). 'peak +MiB' is the peak resident memory during `fit` above the "
@@ -260,15 +260,13 @@ def write_report(results, big, args, elapsed):
         )
     lines += [
         "",
-        "Notes: the machine's 2 cores were shared with other developers' jobs during the "
-        "run, so single timings vary by a factor of up to 2-3 between runs (the in-memory "
-        "and memmap rows of one size do the same work); compare the slopes, not single "
-        "points. The 2-process "
-        "runs use 2 processes of one thread on the same 2 busy cores, so they show the "
-        "exactness and the memory per process rather than a speed-up. The 16M-row memmap "
-        f"fit below ran {args.big_iter} EM iterations instead of {args.max_iter}. The "
-        "constant ~110-200 MiB above the baseline at every size is torch's (code pages of "
-        "kernels first used, allocator caches), not data.",
+        "Notes: every process uses one thread, so the 1-process rows use one of the 2 "
+        "cores and the 2-process rows both. Timings vary with other load on the machine "
+        "(the in-memory and memmap rows of one size do the same work); compare the "
+        "slopes rather than single points. The 16M-row memmap "
+        f"fit below ran {args.big_iter} EM iterations instead of {args.max_iter}. What "
+        "stays above the baseline at small sizes is torch's (code pages of kernels first "
+        "used, allocator caches), not data.",
     ]
     lines += ["", "## Peak memory of a 4 GB memmap fit", ""]
     if big is None:
