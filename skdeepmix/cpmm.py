@@ -105,17 +105,33 @@ class CPMMEstimator(BaseDeepMixture):
     n_spaces : int, default=51
         Spaces of the curriculum, latent and input space included.
     space_epochs : int, default=1
-        Epochs per curriculum space (paper: 1 on the full 60k MNIST; small
-        data sets need more optimiser steps per space).
-    curriculum_init : {'random', 'kmeans'}, default='random'
+        Epochs per curriculum space (paper: 1 on the full 60k MNIST). More
+        steps per space were not better on our 4k-image MNIST validation runs
+        (2 epochs per space made the curriculum degenerate, see doc/cpmm.md).
+    curriculum_init : {'random', 'kmeans', 'kmeans_input'}, default='random'
         Start of the curriculum: random start states spread over the latent
-        normal (paper: random), or k-means in the teacher's latent space.
+        normal (paper: random), k-means in the teacher's latent space, or
+        k-means on the input space with the start states set to the clusters'
+        means and variances in the latent space (``'kmeans_input'``).
+    restart_optimizer : bool, default=True
+        Start every curriculum space, and the fine-tuning, with a fresh Adam
+        state. Carried over, the second-moment estimates of the earlier spaces
+        (large gradients right after each change of space; Adam's
+        ``beta2 = 0.999`` averages over ~1000 steps) shrink the steps on the
+        later spaces, and the short stages cannot follow the spaces.
     init_trajectory_steps : int, default=0
         With ``curriculum=None``: Adam steps fitting each trajectory's means
         through its cluster's k-means sub-centroids (ordered along the
         cluster's principal axis) before the likelihood training; 0 starts
         from the k-means centroids only (experimental: on the digits data it
         made the fit worse, see doc/cpmm.md).
+    teacher_init : {'gaussian', 'random'}, default='gaussian'
+        ``'gaussian'``: the teacher's dynamics get a linear term initialised at
+        the maximum-likelihood Gaussian (``W = -1/2 log Sigma``, ZCA
+        whitening; exact trace), the MLP starting at zero output, so that the
+        teacher is a good flow before training and its latent space is
+        (close to) ``N(0, I)``; ``'random'``: MLP dynamics only, default
+        initialisation.
     teacher_hidden_size : int, default=64
     teacher_depth : int, default=3
     teacher_max_iter : int, default=30
@@ -223,8 +239,10 @@ class CPMMEstimator(BaseDeepMixture):
         "curriculum": [StrOptions({"flow"}), None],
         "n_spaces": [Interval(Integral, 2, None, closed="left")],
         "space_epochs": [Interval(Integral, 1, None, closed="left")],
-        "curriculum_init": [StrOptions({"random", "kmeans"})],
+        "curriculum_init": [StrOptions({"random", "kmeans", "kmeans_input"})],
+        "restart_optimizer": ["boolean"],
         "init_trajectory_steps": [Interval(Integral, 0, None, closed="left")],
+        "teacher_init": [StrOptions({"gaussian", "random"})],
         "teacher_hidden_size": [Interval(Integral, 1, None, closed="left")],
         "teacher_depth": [Interval(Integral, 2, None, closed="left")],
         "teacher_max_iter": [Interval(Integral, 0, None, closed="left")],
@@ -268,7 +286,9 @@ class CPMMEstimator(BaseDeepMixture):
         n_spaces=51,
         space_epochs=1,
         curriculum_init="random",
+        restart_optimizer=True,
         init_trajectory_steps=0,
+        teacher_init="gaussian",
         teacher_hidden_size=64,
         teacher_depth=3,
         teacher_max_iter=30,
@@ -316,7 +336,9 @@ class CPMMEstimator(BaseDeepMixture):
         self.n_spaces = n_spaces
         self.space_epochs = space_epochs
         self.curriculum_init = curriculum_init
+        self.restart_optimizer = restart_optimizer
         self.init_trajectory_steps = init_trajectory_steps
+        self.teacher_init = teacher_init
         self.teacher_hidden_size = teacher_hidden_size
         self.teacher_depth = teacher_depth
         self.teacher_max_iter = teacher_max_iter
@@ -463,6 +485,7 @@ class CPMMEstimator(BaseDeepMixture):
                 hidden=self.teacher_hidden_size,
                 depth=self.teacher_depth,
                 activation="tanh",
+                linear=self.teacher_init == "gaussian",
                 method="rk4",
                 step_size=self.teacher_step_size,
             )
@@ -506,6 +529,10 @@ class CPMMEstimator(BaseDeepMixture):
         if self.curriculum_init == "kmeans":
             # k-means in the teacher's latent space u_1
             self._init_kmeans_on(spaces[-1], generator)
+        elif self.curriculum_init == "kmeans_input":
+            # k-means on the input space; the start states are the clusters'
+            # means and variances in the latent space
+            self._init_kmeans_on(spaces[0], generator, stats_on=spaces[-1])
         else:
             spread = self._INIT_SPREAD
             means = spread * torch.randn(C, D, dtype=Z.dtype, device=Z.device,
@@ -521,6 +548,8 @@ class CPMMEstimator(BaseDeepMixture):
             progress = tqdm(total=self.n_spaces, desc="CPMM curriculum", leave=self.verbose > 1)
         try:
             for i in range(self.n_spaces - 1, -1, -1):
+                if self.restart_optimizer:
+                    self._reset_optimizer()
                 for _ in range(self.space_epochs):
                     stats = self._train_epoch(spaces[i], generator)
                 v = float(vs[i])
@@ -538,18 +567,29 @@ class CPMMEstimator(BaseDeepMixture):
         finally:
             if progress is not None:
                 progress.close()
+        if self.restart_optimizer:
+            self._reset_optimizer()
+
+    def _reset_optimizer(self):
+        """A fresh Adam (new moment estimates) for a new curriculum stage."""
+        self.optimizer_ = torch.optim.Adam(self.module_.parameters(), lr=self.learning_rate)
 
     def _init_kmeans(self, X, generator):
         Z, _ = self._training_data(X, generator)
         self._init_kmeans_on(Z, generator)
 
-    def _init_kmeans_on(self, Z, generator):
+    def _init_kmeans_on(self, Z, generator, stats_on=None):
         from sklearn.cluster import KMeans
 
         Zn = to_numpy(Z).astype(np.float64)
         km = KMeans(self.n_clusters, n_init=3, random_state=_seed_from(generator)).fit(Zn)
         labels = km.labels_
         C, D = self.n_clusters, Z.shape[1]
+        if stats_on is not None:
+            Zn = to_numpy(stats_on).astype(np.float64)
+            km.cluster_centers_ = np.stack([
+                Zn[labels == c].mean(0) if np.any(labels == c) else Zn.mean(0)
+                for c in range(C)])
         log_noise = np.zeros((C, D))
         counts = np.bincount(labels, minlength=C).astype(float)
         for c in range(C):
@@ -622,7 +662,14 @@ class CPMMEstimator(BaseDeepMixture):
 
     def _train_teacher(self, Z, generator):
         teacher = self._build_teacher(Z.shape[1], generator)
-        optimizer = torch.optim.Adam(teacher.parameters(), lr=self.teacher_learning_rate)
+        params = list(teacher.parameters())
+        if self.teacher_init == "gaussian":
+            # the linear part is the closed-form (shrunk) Gaussian MLE and stays
+            # fixed: trained on mini-batches its D x D matrix overfits at once
+            teacher.init_gaussian(Z)
+            teacher.dynamics.linear.requires_grad_(False)
+            params = [p for p in params if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.teacher_learning_rate)
         progress = None
         if self.verbose and self.teacher_max_iter:
             from tqdm.auto import tqdm
@@ -643,7 +690,7 @@ class CPMMEstimator(BaseDeepMixture):
                             "teacher_learning_rate or teacher_step_size."
                         )
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(teacher.parameters(), 10.0)
+                    torch.nn.utils.clip_grad_norm_(params, 10.0)
                     optimizer.step()
                     total += float(loss.detach()) * batch.numel()
                     count += batch.numel()

@@ -193,6 +193,39 @@ def test_curriculum_kmeans_start(rings):
     assert np.all(np.isfinite(est.score_samples(X)))
 
 
+def test_curriculum_kmeans_input_start_and_restarts(rings):
+    X, _ = rings
+    est = _small(curriculum="flow", curriculum_init="kmeans_input", n_spaces=3,
+                 teacher_max_iter=0, max_iter=1, keep_ode=True)
+    est.fit(X)
+    assert len(est.curriculum_history_) == 3
+    assert np.all(np.isfinite(est.score_samples(X)))
+    # restart_optimizer: the fine-tuning ran on a fresh Adam (one epoch of steps)
+    n_steps = -(-len(X) // est.batch_size)
+    state = next(iter(est.optimizer_.state.values()))
+    assert int(state["step"]) == n_steps
+    kept = _small(curriculum="flow", n_spaces=3, teacher_max_iter=0, max_iter=1,
+                  keep_ode=True, restart_optimizer=False).fit(X)
+    state = next(iter(kept.optimizer_.state.values()))
+    assert int(state["step"]) == 4 * n_steps
+
+
+def test_flow_teacher_gaussian_init_matches_scipy():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    X = torch.randn(300, 4, generator=g, dtype=torch.float64) @ A.T + 2.0
+    flow = CNF(4, hidden=8, linear=True, step_size=0.05).double().init_gaussian(X, reg=1e-2)
+    Xn = X.numpy()
+    cov = np.cov(Xn.T)
+    cov = cov + 1e-2 * np.diag(cov).mean() * np.eye(4)
+    expected = multivariate_normal(Xn.mean(0), cov).logpdf(Xn[:10])
+    # exact trace of the linear part, MLP output zero: no Hutchinson noise
+    np.testing.assert_allclose(flow.log_prob(X[:10], g).detach().numpy(), expected,
+                               rtol=1e-5, atol=1e-5)
+    latent = flow.transform(X, torch.tensor([0.0, 1.0], dtype=torch.float64))[-1]
+    np.testing.assert_allclose(latent.mean(0).numpy(), 0.0, atol=1e-6)
+
+
 def test_flow_teacher_transform_and_training():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(256, 2, generator=g, dtype=torch.float64) * torch.tensor([2.0, 0.3],
@@ -266,6 +299,8 @@ def test_warm_start_continues(rings):
         (dict(ode_method="rk5"), np.random.RandomState(0).rand(20, 4), "ode_method"),
         (dict(activation="relu"), np.random.RandomState(0).rand(20, 4), "activation"),
         (dict(n_spaces=1), np.random.RandomState(0).rand(20, 4), "n_spaces"),
+        (dict(teacher_init="zero"), np.random.RandomState(0).rand(20, 4), "teacher_init"),
+        (dict(curriculum_init="pca"), np.random.RandomState(0).rand(20, 4), "curriculum_init"),
     ],
 )
 def test_bad_parameters(params, X, match):

@@ -7,6 +7,14 @@ trained by maximum likelihood so that ``u_1(x) ~ N(0, I)``:
 
 with the trace estimated by Hutchinson's estimator ``e^T (dg/du) e`` (one
 Gaussian probe ``e`` per sample and solve, a vector-Jacobian product per step).
+
+The dynamics may have a linear term, ``g(u, s) = W u + b + MLP(u, s)``, whose
+trace ``tr W`` is exact (only the MLP's trace is estimated).
+:meth:`CNF.init_gaussian` sets ``W = -1/2 log(Sigma)`` and ``b`` (from the
+mean) and zeroes the MLP's output, so that before any training the flow is the
+maximum-likelihood Gaussian: ``u_1(x) = Sigma^{-1/2} (x - m)`` (ZCA whitening),
+``u_v(x)`` a smooth path from the data to whitened data, and the MLP only has
+to learn the non-Gaussian part.
 """
 
 from __future__ import annotations
@@ -31,23 +39,43 @@ class CNFDynamics(nn.Module):
     depth : int
         Number of linear layers (>= 2).
     activation : {'tanh', 'softplus', 'sin'}
+    linear : bool
+        Add a linear term ``W u + b`` (``W``, ``b`` zero at construction).
     """
 
-    def __init__(self, n_features, hidden=64, depth=3, activation="tanh"):
+    def __init__(self, n_features, hidden=64, depth=3, activation="tanh", linear=False):
         super().__init__()
         dims = [n_features] + [hidden] * (depth - 1) + [n_features]
         self.layers = nn.ModuleList(nn.Linear(a + 1, b) for a, b in zip(dims[:-1], dims[1:]))
         self.act = make_activation(activation)
+        self.linear = nn.Linear(n_features, n_features) if linear else None
+        if self.linear is not None:
+            with torch.no_grad():
+                self.linear.weight.zero_()
+                self.linear.bias.zero_()
         self.nfe = 0
 
-    def forward(self, t, u):
-        self.nfe += 1
+    def nonlinear(self, t, u):
+        """The MLP part of ``g(u, t)``."""
         tt = t.to(u).expand(u.shape[0], 1)
         out = u
         for i, layer in enumerate(self.layers):
             out = layer(torch.cat([out, tt], dim=1))
             if i < len(self.layers) - 1:
                 out = self.act(out)
+        return out
+
+    def linear_trace(self):
+        """``tr W`` (0 without the linear term)."""
+        if self.linear is None:
+            return 0.0
+        return torch.diagonal(self.linear.weight).sum()
+
+    def forward(self, t, u):
+        self.nfe += 1
+        out = self.nonlinear(t, u)
+        if self.linear is not None:
+            out = out + self.linear(u)
         return out
 
 
@@ -61,12 +89,17 @@ class _TraceAugmented(nn.Module):
 
     def forward(self, t, state):
         u, _ = state
+        dyn = self.dynamics
+        dyn.nfe += 1
         with torch.enable_grad():
             if not u.requires_grad:
                 u = u.requires_grad_(True)
-            du = self.dynamics(t, u)
+            du = dyn.nonlinear(t, u)
             vjp = torch.autograd.grad(du, u, self.probe, create_graph=True)[0]
-        trace = (vjp * self.probe).sum(dim=1)
+        # Hutchinson for the MLP, exact for the linear term
+        trace = (vjp * self.probe).sum(dim=1) + dyn.linear_trace()
+        if dyn.linear is not None:
+            du = du + dyn.linear(u)
         return du, trace
 
 
@@ -78,17 +111,50 @@ class CNF(nn.Module):
     n_features : int
     hidden, depth, activation :
         The dynamics MLP (see :class:`CNFDynamics`).
+    linear : bool
+        Linear term in the dynamics (see :meth:`init_gaussian`).
     method, step_size, rtol, atol, adjoint :
         Solver settings (see :func:`skdeepmix.nn.cpmm.solve_ode`).
     """
 
-    def __init__(self, n_features, hidden=64, depth=3, activation="tanh", *,
+    def __init__(self, n_features, hidden=64, depth=3, activation="tanh", *, linear=False,
                  method="rk4", step_size=0.25, rtol=1e-4, atol=1e-5, adjoint=False):
         super().__init__()
         self.n_features = int(n_features)
-        self.dynamics = CNFDynamics(n_features, hidden, depth, activation)
+        self.dynamics = CNFDynamics(n_features, hidden, depth, activation, linear=linear)
         self.solver = dict(method=method, step_size=step_size, rtol=rtol, atol=atol,
                            adjoint=adjoint)
+
+    @torch.no_grad()
+    def init_gaussian(self, x, reg=1e-2):
+        """Start at the maximum-likelihood Gaussian of ``x`` (needs ``linear=True``).
+
+        ``W = -1/2 log(Sigma + reg I)`` (symmetric matrix logarithm) and
+        ``b = -W (e^W - I)^{-1} e^W m`` make the linear ODE ``du/ds = W u + b``
+        map ``x`` to ``(Sigma + reg I)^{-1/2} (x - m)`` at ``s = 1``; the MLP's last
+        layer is zeroed so that it starts as a correction of zero. ``reg``
+        (relative to the mean variance) keeps the flow well conditioned.
+        """
+        dyn = self.dynamics
+        if dyn.linear is None:
+            raise ValueError("init_gaussian needs a CNF built with linear=True.")
+        xd = x.double()
+        m = xd.mean(0)
+        cov = torch.cov(xd.T).reshape(self.n_features, self.n_features)
+        cov = cov + reg * torch.diagonal(cov).mean().clamp_min(1e-12) * torch.eye(
+            self.n_features, dtype=cov.dtype, device=cov.device)
+        evals, evecs = torch.linalg.eigh(cov)
+        w = -0.5 * torch.log(evals.clamp_min(1e-12))
+        W = (evecs * w) @ evecs.T
+        # b = -W (e^W - I)^{-1} e^W m, so that u_1 = e^W (x - m) has mean zero
+        safe = torch.where(w.abs() < 1e-8, torch.ones_like(w), w)
+        factor = torch.where(w.abs() < 1e-8, torch.ones_like(w), safe / -torch.expm1(-safe))
+        b = -(evecs * factor) @ (evecs.T @ m)
+        dyn.linear.weight.copy_(W.to(dyn.linear.weight))
+        dyn.linear.bias.copy_(b.to(dyn.linear.bias))
+        dyn.layers[-1].weight.zero_()
+        dyn.layers[-1].bias.zero_()
+        return self
 
     def log_prob(self, x, generator=None):
         """Hutchinson estimate of ``log p(x)`` (unbiased in the trace), shape (n,)."""
