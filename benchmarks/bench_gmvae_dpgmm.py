@@ -293,9 +293,12 @@ def report(jsonl, args):
         "of a full-covariance component, `dp_sample_size * p(z)/p(10)`, `p(d) = d + d(d+1)/2` "
         "(added after the z=16 runs of `ours-joint` collapsed to 2-4 clusters; run at z=16 only).",
         "",
-        "Larger budgets of `ours-joint` at z=10 (same script, `--methods ours-joint "
-        "--n-train N --pretrain-epochs 20 --epochs 30`): see `gmvae_dpgmm_10k.md` and "
-        "`gmvae_dpgmm_20k.md` next to this file (when present).",
+        "Tables next to this file (when present): `gmvae_dpgmm.md` (5 000 training digits, "
+        "all methods, z in {8, 10, 16}); `gmvae_dpgmm_10k.md`, `gmvae_dpgmm_20k.md` "
+        "(`ours-joint`, z=10, `--pretrain-epochs 20 --epochs 30`); `gmvae_dpgmm_60k.md` "
+        "(the full 60 000 training digits, z=10, `--n-train 60000 --pretrain-epochs 20 "
+        "--epochs 10`). Runs of one table may come from several processes appending to "
+        "its JSON-lines file.",
         "",
         "Report (Nagpal et al., MNIST, CS/NMI): VAE+GMM z=16 0.84/0.84; GMVAE+DP-GMM z=8 "
         "0.80/0.79; their alternating network ≤ 0.77.",

@@ -94,6 +94,14 @@ class GMVAEDPGMM(TransformerMixin, BaseDeepMixture):
         Epochs between DP refits with ``prior_update='alternating'``.
     prior_step_size : float, default=1.0
         Natural-gradient step of the DP update with ``prior_update='joint'``.
+    dp_sample_size : float or None, default=None
+        Effective sample size of the DP posterior ("coarsening", Miller &
+        Dunson 2019): the counts and scatters that update the DP are scaled
+        by ``min(1, dp_sample_size / n_samples)``. ``None`` is the exact
+        posterior. Real latent clusters are not Gaussian, and with many
+        samples the exact DP splits each one into several components; a
+        coarsened posterior keeps the Occam penalty of a small sample, so
+        it finds fewer, larger clusters. Smaller values give fewer clusters.
     active_threshold : float, default=0.01
         A cluster is active when its weight exceeds this value.
     beta : float, default=1.0
