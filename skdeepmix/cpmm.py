@@ -509,7 +509,7 @@ class CPMMEstimator(BaseDeepMixture):
         self._shift = Y.mean(0)
         self._scale = float(Y.std(0).pow(2).mean().sqrt().clamp_min(1e-12))
         self.module_ = self._build_module(n_features, generator)
-        self.optimizer_ = torch.optim.Adam(self.module_.parameters(), lr=self.learning_rate)
+        self._reset_optimizer()
         self.curriculum_history_ = []
         self.teacher_history_ = []
         if self.curriculum is None:
@@ -571,7 +571,7 @@ class CPMMEstimator(BaseDeepMixture):
             self._reset_optimizer()
 
     def _reset_optimizer(self):
-        """A fresh Adam (new moment estimates) for a new curriculum stage."""
+        """A fresh Adam (new moment estimates): at the start and for a new curriculum stage."""
         self.optimizer_ = torch.optim.Adam(self.module_.parameters(), lr=self.learning_rate)
 
     def _init_kmeans(self, X, generator):
