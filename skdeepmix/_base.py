@@ -201,7 +201,19 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return resolve_device(self.device, fallback_to_cpu=True)
 
     def _torch_dtype(self):
-        return resolve_dtype(self.dtype)
+        """The dtype of the computation: fixed at fit (see :meth:`_fit_dtype`)."""
+        dtype = getattr(self, "_dtype", None)
+        if dtype is not None:
+            return dtype
+        return torch.float64 if self.dtype is None else resolve_dtype(self.dtype)
+
+    def _fit_dtype(self, X):
+        """``dtype``, or with ``dtype=None`` the input's floating dtype: float32
+        stays float32, anything else (float64, ints, ...) becomes float64."""
+        if self.dtype is not None:
+            return resolve_dtype(self.dtype)
+        dtype = getattr(X, "dtype", None)
+        return torch.float32 if dtype in (np.float32, torch.float32) else torch.float64
 
     def _validate_X(self, X, *, reset):
         """Validate ``X`` (2-D, finite, numeric) and check ``n_features_in_``."""
@@ -404,6 +416,9 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             del self._partition
 
     def _fit_predict_validated(self, X, y):
+        continuing = self.warm_start and hasattr(self, "converged_")
+        if not continuing:
+            self._dtype = self._fit_dtype(X)
         self._check_parameters(X)
         device = self._fit_device()
         if self._streams(X, y):
@@ -519,6 +534,8 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return self
 
     def _partial_fit_validated(self, X, y, initialised):
+        if not initialised:
+            self._dtype = self._fit_dtype(X)
         device = self._fit_device()
         Xt = to_tensor(X, device, self._torch_dtype())
         yt = None if y is None else torch.as_tensor(np.array(y), device=device)

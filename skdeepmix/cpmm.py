@@ -165,7 +165,10 @@ class CPMMEstimator(BaseDeepMixture):
         Continue training from the fitted state (keeps the ODE).
     verbose : int, default=0
     device : str or torch.device, default='auto'
-    dtype : {'float32', 'float64'}, default='float32'
+    dtype : {'float32', 'float64'} or None, default=None
+        Precision of the computation and of the fitted attributes. ``None``
+        uses the input's floating dtype (float32 stays float32, anything else
+        becomes float64), as scikit-learn does.
     keep_ode : bool, default=False
         Keep the trained ODE module as ``module_``.
     keep_teacher : bool, default=False
@@ -308,7 +311,7 @@ class CPMMEstimator(BaseDeepMixture):
         warm_start=False,
         verbose=0,
         device="auto",
-        dtype="float32",
+        dtype=None,
         keep_ode=False,
         keep_teacher=False,
         n_threads="auto",

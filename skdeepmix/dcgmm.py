@@ -132,7 +132,10 @@ class DCGMMEstimator(BaseDeepMixture):
     warm_start : bool, default=False
     verbose : int, default=0
     device : {'auto', 'cpu', 'cuda', 'cuda:N'} or torch.device, default='auto'
-    dtype : {'float32', 'float64'}, default='float32'
+    dtype : {'float32', 'float64'} or None, default=None
+        Precision of the computation and of the fitted attributes. ``None``
+        uses the input's floating dtype (float32 stays float32, anything else
+        becomes float64), as scikit-learn does.
 
     Attributes
     ----------
@@ -229,7 +232,7 @@ class DCGMMEstimator(BaseDeepMixture):
         warm_start=False,
         verbose=0,
         device="auto",
-        dtype="float32",
+        dtype=None,
     ):
         self.layers = layers
         self.image_shape = image_shape

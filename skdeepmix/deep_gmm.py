@@ -102,8 +102,10 @@ class DeepGMMEstimator(BaseDeepMixture):
     verbose : int, default=0
     verbose_interval : int, default=10
     device : {'auto', 'cpu', 'cuda', 'cuda:N'} or torch.device, default='auto'
-    dtype : {'float64', 'float32'}, default='float64'
-        Precision of the E-step and the density; the M-step statistics and
+    dtype : {'float32', 'float64'} or None, default=None
+        Precision of the computation and of the fitted attributes. ``None``
+        uses the input's floating dtype (float32 stays float32, anything else
+        becomes float64), as scikit-learn does. The M-step statistics and
         L-BFGS always run in float64.
     chunk_size : int, default=None
         Rows processed at once (``None``: bounded temporaries).
@@ -200,7 +202,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         verbose=0,
         verbose_interval=10,
         device="auto",
-        dtype="float64",
+        dtype=None,
         chunk_size=None,
     ):
         self.layer_sizes = layer_sizes

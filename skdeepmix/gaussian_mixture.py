@@ -62,9 +62,10 @@ class GaussianMixture(BaseDeepMixture):
     verbose_interval : int, default=10
     device : {'auto', 'cpu', 'cuda', 'cuda:N'} or torch.device, default='auto'
         'auto' uses CUDA when available.
-    dtype : {'float64', 'float32'}, default='float64'
-        Precision of the computation and of the fitted attributes. float64
-        reproduces scikit-learn; float32 is about twice as fast.
+    dtype : {'float32', 'float64'} or None, default=None
+        Precision of the computation and of the fitted attributes. ``None``
+        uses the input's floating dtype (float32 stays float32, anything else
+        becomes float64), as scikit-learn does.
     chunk_size : int, default=None
         Rows processed at once. ``None`` picks a size that keeps temporaries
         around 64 MiB.
@@ -161,7 +162,7 @@ class GaussianMixture(BaseDeepMixture):
         verbose=0,
         verbose_interval=10,
         device="auto",
-        dtype="float64",
+        dtype=None,
         chunk_size=None,
         learning_offset=10.0,
         learning_decay=0.7,

@@ -125,7 +125,10 @@ class GMVAEDPGMM(TransformerMixin, BaseDeepMixture):
     verbose : int, default=0
         Progress bar when > 0.
     device : str or torch.device, default='auto'
-    dtype : {'float32', 'float64'}, default='float32'
+    dtype : {'float32', 'float64'} or None, default=None
+        Precision of the computation and of the fitted attributes. ``None``
+        uses the input's floating dtype (float32 stays float32, anything else
+        becomes float64), as scikit-learn does.
 
     Attributes
     ----------
@@ -226,7 +229,7 @@ class GMVAEDPGMM(TransformerMixin, BaseDeepMixture):
         warm_start=False,
         verbose=0,
         device="auto",
-        dtype="float32",
+        dtype=None,
     ):
         self.n_components = n_components
         self.latent_dim = latent_dim
