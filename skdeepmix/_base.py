@@ -3,61 +3,62 @@
 :class:`BaseDeepMixture` owns everything that is not model specific, in the
 spirit of ``sklearn.mixture._base.BaseMixture``:
 
-* parameter validation (``_parameter_constraints``) and input validation
-  (``validate_data``: ``n_features_in_``, ``feature_names_in_``, NaN/inf, shapes);
-* device (``'auto'|'cpu'|'cuda'|'cuda:N'|torch.device``), dtype and the
-  conversion numpy -> torch -> numpy;
-* ``random_state`` -> a seeded :class:`torch.Generator` (never global RNGs);
+* the shared parameters (``tol``, ``max_iter``, ``n_init``, ``random_state``,
+  ``warm_start``, ``verbose``, ``verbose_interval``, ``device``, ``dtype``,
+  ``chunk_size``), defined and validated once, with one meaning each;
+* input validation (``validate_data``: ``n_features_in_``,
+  ``feature_names_in_``, NaN/inf, shapes; image-shaped arrays for the image
+  estimators; ``np.memmap`` streaming), ``sample_weight`` checks;
+* device, dtype (``dtype=None`` follows the input) and the conversion
+  numpy -> torch -> numpy; torch's CPU thread count, set for the duration of
+  a call only;
 * the generic training loop: ``n_init`` restarts keeping the best run,
-  ``warm_start``, ``max_iter``/``tol`` convergence, ``ConvergenceWarning``,
-  divergence detection, ``verbose`` progress bar, ``lower_bounds_``/``history_``;
-* inference: ``predict``, ``predict_proba``, ``score_samples``, ``score``,
-  ``fit_predict`` (with a final E-step so that it equals ``fit(X).predict(X)``),
-  ``sample``, ``bic``/``aic``, all chunked over rows;
-* pickling of fitted torch state on the CPU.
+  ``warm_start``, ``max_iter``/``tol`` convergence, ``ConvergenceWarning``
+  (scikit-learn's text), divergence detection, one progress bar per fit,
+  ``lower_bounds_``/``history_``;
+* inference (``predict``, ``predict_proba``, ``score_samples``, ``score``,
+  ``fit_predict`` with a final E-step, ``sample``, ``bic``/``aic``), chunked
+  over rows into preallocated outputs;
+* pickling of fitted torch state on the CPU;
+* ``torch.distributed``: every process passes its own shard of the rows to
+  ``fit``; the hooks reduce through ``ctx.partition``.
 
-A subclass defines ``__init__`` (storing its arguments only) and the hooks:
+A subclass defines ``__init__`` (calling ``super().__init__`` with the shared
+parameters and storing its own) and the hooks, which receive an explicit
+:class:`FitContext` ``ctx`` (device, dtype, generator, partition, ``y``,
+``sample_weight``, progress bar) instead of reading fit state from ``self``:
 
-``_check_parameters(X)``
-    Model-specific checks that need the data (e.g. ``n_samples >= n_components``).
-``_initialize(X, generator, y=None)``
-    Initialise the model state from the data.
-``_fit_iteration(X, generator, y=None)``
-    One EM iteration or one epoch. Returns the objective (higher is better) as a
-    float, or a dict of metrics holding the key ``'objective'``.
+``_check_parameters(X, ctx)``
+    Model-specific checks that need the data.
+``_initialize(X, ctx)``
+    Initialise the model state from the data tensor (or RowSource) ``X``.
+``_fit_iteration(X, ctx)``
+    One EM iteration or one epoch. Returns the objective (higher is better)
+    as a float, or a dict of metrics holding the key ``'objective'``.
 ``_get_state()`` / ``_set_state(state)``
     Snapshot / restore the fitted state (for ``n_init``).
-``_estimate_weighted_log_prob(X)``
-    ``(n, n_components)`` tensor of ``log p(x, k)``; or override
-    ``_estimate_log_prob_resp(X)`` directly.
+``_estimate_weighted_log_prob(X)`` or ``_estimate_log_prob_resp(X)``
+    Inference on a tensor chunk.
 ``_sample(n_samples, generator)``
-    Returns tensors ``(X, y)``.
+    Returns tensors ``(X, labels)``.
 ``_n_parameters()``
     Number of free parameters, for ``bic``/``aic``.
 
-Optional, for scaling up (see ``doc/scaling.md``):
+Optional: ``_finalize_fit(X, ctx)`` (after the best run is restored),
+``_prepare_inference(device)`` (put the fitted state on a device),
+``_partial_fit_step(X, ctx)`` (makes ``partial_fit`` available),
+``_n_progress_steps()`` (progress-bar steps before the main loop, e.g.
+pre-training epochs), ``_converged(objectives)`` (the convergence test) and
+``_work_per_row()`` (temporary values per row, for the chunk size).
 
-``_partial_fit_step(X, generator, y=None)``
-    One incremental update on the mini-batch ``X`` (one stepwise-EM step, or
-    one optimizer step: :func:`skdeepmix._train.train_step` does it in one
-    line) returning the objective like ``_fit_iteration``; it leaves the public
-    fitted attributes up to date. Defining it makes ``partial_fit`` available:
-    the first call validates the batch, runs ``_check_parameters`` and
-    ``_initialize`` on it, later calls continue (``n_features_in_`` is then
-    fixed) and ``n_steps_`` counts the calls.
-``_supports_out_of_core`` (class attribute, default False)
-    True when the hooks accept, in place of the data tensor, a
-    :class:`~skdeepmix._torch_utils.RowSource` (``shape``, ``device``,
-    ``dtype``, ``X[slice]``/``X[index_tensor]`` giving tensors) and touch the
-    rows only chunk by chunk; ``fit`` then streams ``np.memmap`` and other
-    array-likes with row slicing without loading them (validated in chunks).
-``_distributed_mode`` (class attribute, default None)
-    Behaviour when :mod:`torch.distributed` is initialised with several
-    processes: ``'exact'`` (the hooks all-reduce their statistics through
-    ``self._partition``, a :class:`~skdeepmix._distributed.RowPartition`),
-    ``'gradients'`` (state broadcast from rank 0 after ``_initialize``,
-    gradients averaged by ``train_epoch``/``train_step``, objective averaged)
-    or None (each process fits its own model, with a warning).
+Class attributes: ``_fit_uses_y``, ``_min_fit_samples``,
+``_supports_out_of_core`` (the hooks accept a streamed
+:class:`~skdeepmix._torch_utils.RowSource`), ``_accepts_images`` (``X`` may
+be ``(n, H, W[, C])``; ``image_shape_`` is recorded), ``_distributed_mode``
+(``'exact'``: the hooks all-reduce statistics through ``ctx.partition``;
+``'gradients'``: the state is broadcast from rank 0 after ``_initialize`` and
+:mod:`~skdeepmix._train` averages gradients), ``_parallel_work`` (rows times
+features below which one CPU thread is used; see :meth:`_n_threads`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ import copy
 import math
 import warnings
 from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -75,26 +78,73 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array
 from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_consistent_length,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 
 from . import _distributed
 from ._torch_utils import (
     RowSource,
     _PageReleaser,
+    chunk_rows,
     is_out_of_core,
     iter_row_chunks,
+    limit_threads,
     make_generator,
     resolve_device,
     resolve_dtype,
     to_numpy,
     to_tensor,
 )
+from ._train import Progress, TrainingDivergedError
 
-__all__ = ["BaseDeepMixture", "TrainingDivergedError"]
+__all__ = ["BaseDeepMixture", "FitContext", "TrainingDivergedError", "CONVERGENCE_MESSAGE"]
+
+#: scikit-learn's warning text (users filter warnings by it)
+CONVERGENCE_MESSAGE = (
+    "Best performing initialization did not converge. Try different init "
+    "parameters, or increase max_iter, tol, or check for degenerate data."
+)
 
 
-class TrainingDivergedError(FloatingPointError, ValueError):
-    """Raised when the training objective becomes NaN or infinite."""
+@dataclass
+class FitContext:
+    """What the hooks of one ``fit`` (or ``partial_fit``) call need, explicitly.
+
+    Attributes
+    ----------
+    device : torch.device
+    dtype : torch.dtype
+    generator : torch.Generator
+        The one generator of the call (seeded by ``random_state``).
+    partition : skdeepmix._distributed.RowPartition
+        This process's share of the rows (all of them without torch.distributed).
+    y : Tensor of shape (n_samples,) or None
+        Targets, for estimators with a supervised part.
+    sample_weight : Tensor of shape (n_samples,) or None
+        Validated weights (None means all ones).
+    progress : skdeepmix._train.Progress
+        The fit's one progress bar (a no-op when ``verbose=0``).
+    classes : ndarray or None
+        The sorted unique labels of ``y`` (``y`` holds their indices).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    generator: torch.Generator
+    partition: Any
+    y: Optional[torch.Tensor] = None
+    sample_weight: Optional[torch.Tensor] = None
+    progress: Any = None
+    classes: Any = None
+
+    def tensor(self, array):
+        """``array`` as a tensor on the fit's device and dtype."""
+        return to_tensor(array, self.device, self.dtype)
 
 
 def _move_to_cpu(value):
@@ -121,29 +171,60 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         "random_state": ["random_state"],
         "warm_start": ["boolean"],
         "verbose": ["verbose"],
+        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
         "device": "no_validation",  # checked by resolve_device
         "dtype": "no_validation",  # checked by resolve_dtype
+        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
     }
 
     #: whether ``fit`` uses ``y`` (supervised parts, e.g. a classifier layer)
     _fit_uses_y = False
     #: minimum number of samples ``fit`` accepts
     _min_fit_samples = 2
-    #: whether the hooks accept a streamed RowSource for X (see module docstring)
+    #: whether the hooks accept a streamed RowSource for X
     _supports_out_of_core = False
-    #: None, 'exact' or 'gradients': behaviour under torch.distributed
-    _distributed_mode = None
+    #: whether X may be image-shaped (n, H, W[, C])
+    _accepts_images = False
+    #: 'exact' (statistics all-reduced) or 'gradients' (DDP) under torch.distributed
+    _distributed_mode = "gradients"
+    #: rows x features of the training data below which one CPU thread is used
+    _parallel_work = 2**22
+
+    def __init__(
+        self,
+        *,
+        tol,
+        max_iter,
+        n_init=1,
+        random_state=None,
+        warm_start=False,
+        verbose=0,
+        verbose_interval=10,
+        device="auto",
+        dtype=None,
+        chunk_size=None,
+    ):
+        self.tol = tol
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.device = device
+        self.dtype = dtype
+        self.chunk_size = chunk_size
 
     # ------------------------------------------------------------------ hooks
-    def _check_parameters(self, X):
+    def _check_parameters(self, X, ctx):
         """Model-specific checks of the parameters against the data."""
 
     @abstractmethod
-    def _initialize(self, X, generator, y=None):
+    def _initialize(self, X, ctx):
         """Initialise the model state from the data tensor ``X``."""
 
     @abstractmethod
-    def _fit_iteration(self, X, generator, y=None):
+    def _fit_iteration(self, X, ctx):
         """Run one iteration/epoch and return the objective (higher is better)."""
 
     @abstractmethod
@@ -181,16 +262,35 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
     def _n_parameters(self):
         """Number of free parameters of the fitted model (for ``bic``/``aic``)."""
 
-    def _finalize_fit(self, X, y=None):
+    def _finalize_fit(self, X, ctx):
         """Called once after the best run is restored (e.g. to cache things)."""
 
-    def _partial_fit_step(self, X, generator, y=None):
+    def _prepare_inference(self, device):
+        """Put the fitted state on ``device`` (before inference, or before a
+        ``warm_start`` fit continues from it)."""
+
+    def _partial_fit_step(self, X, ctx):
         """One incremental update on the batch tensor ``X`` (optional hook).
 
         Returns the objective (higher is better) or a dict with ``'objective'``.
         Must leave the public fitted attributes up to date.
         """
         raise NotImplementedError(f"{type(self).__name__} does not support partial_fit.")
+
+    def _n_progress_steps(self):
+        """Progress-bar steps of one initialisation before the main loop."""
+        return 0
+
+    def _converged(self, objectives):
+        """Whether the run has converged, given the objectives so far.
+
+        Default (EM): the last change of the objective is below ``tol``.
+        """
+        return len(objectives) >= 2 and abs(objectives[-1] - objectives[-2]) < self.tol
+
+    def _work_per_row(self):
+        """Number of temporary values one row needs at inference."""
+        return 8 * self.n_features_in_
 
     # ---------------------------------------------------- device/dtype/input
     def _fit_device(self):
@@ -201,7 +301,7 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return resolve_device(self.device, fallback_to_cpu=True)
 
     def _torch_dtype(self):
-        """The dtype of the computation: fixed at fit (see :meth:`_fit_dtype`)."""
+        """The dtype of the computation, fixed at fit (see :meth:`_fit_dtype`)."""
         dtype = getattr(self, "_dtype", None)
         if dtype is not None:
             return dtype
@@ -215,56 +315,102 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         dtype = getattr(X, "dtype", None)
         return torch.float32 if dtype in (np.float32, torch.float32) else torch.float64
 
+    def _rows_per_chunk(self):
+        """Rows processed at once (bounds the memory of the temporaries)."""
+        return chunk_rows(self._work_per_row(), self.chunk_size)
+
+    def _n_threads(self, n_rows):
+        """CPU threads for work on ``n_rows`` rows: one for small work.
+
+        Small work pays more for the thread pool's synchronisation than it
+        gains, and on a shared CPU (another busy process) spinning threads
+        that wait for a descheduled sibling collapse. Above
+        ``_parallel_work`` (rows times features) torch's own thread count
+        is used; it honours ``OMP_NUM_THREADS``, ``torch.set_num_threads``
+        and the limits joblib gives its workers.
+        """
+        n_features = getattr(self, "n_features_in_", 1)
+        if n_rows * n_features < self._parallel_work:
+            return 1
+        return None
+
+    def _threads(self, n_rows, device):
+        """Context manager limiting torch's CPU threads for this call."""
+        return limit_threads(self._n_threads(n_rows) if device.type == "cpu" else None)
+
     def _validate_X(self, X, *, reset):
-        """Validate ``X`` (2-D, finite, numeric) and check ``n_features_in_``."""
-        return validate_data(
+        """Validate ``X`` (2-D, finite, numeric) and check ``n_features_in_``.
+
+        Estimators that accept images take ``(n, H, W)`` / ``(n, H, W, C)``
+        arrays as well (flattened in C order, channels last).
+        """
+        image = None
+        if self._accepts_images and not hasattr(X, "iloc") and getattr(X, "ndim", 2) in (3, 4):
+            X = np.asarray(X)
+            image = X.shape[1:] + ((1,) if X.ndim == 3 else ())
+            X = X.reshape(X.shape[0], -1)
+        X = validate_data(
             self,
             X,
             dtype=[np.float64, np.float32],
             reset=reset,
             ensure_min_samples=self._min_fit_samples if reset else 1,
         )
+        if self._accepts_images:
+            self._check_image_shape(image, X.shape[1], reset)
+        return X
+
+    def _check_image_shape(self, image, n_features, reset):
+        """Record (``reset``) or check ``image_shape_`` (H, W, C)."""
+        declared = getattr(self, "image_shape", None)
+        if declared is not None:
+            declared = tuple(int(s) for s in declared)
+            if len(declared) == 2:
+                declared = declared + (1,)
+            if len(declared) != 3 or min(declared) < 1 or math.prod(declared) != n_features:
+                raise ValueError(
+                    f"image_shape={self.image_shape!r} must be (H, W) or (H, W, C) "
+                    f"positive ints holding the {n_features} features of X."
+                )
+        if reset:
+            shape = image if image is not None else declared
+            if image is not None and declared is not None and image != declared:
+                raise ValueError(
+                    f"X holds images of shape {image} but image_shape={self.image_shape!r}."
+                )
+            self.image_shape_ = None if shape is None else tuple(int(s) for s in shape)
+        elif image is not None and getattr(self, "image_shape_", None) not in (None, image):
+            raise ValueError(
+                f"X has images of shape {image} but {type(self).__name__} was fitted "
+                f"on images of shape {self.image_shape_}."
+            )
 
     def _validate_fit_input(self, X, y):
+        X = self._validate_X(X, reset=True)
         if self._fit_uses_y and y is not None:
-            X, y = validate_data(
-                self,
-                X,
-                y,
-                dtype=[np.float64, np.float32],
-                ensure_min_samples=self._min_fit_samples,
-            )
+            y = column_or_1d(check_array(y, ensure_2d=False, dtype=None), warn=True)
+            check_consistent_length(X, y)
             return X, y
-        return self._validate_X(X, reset=True), None
+        return X, None
 
     def _validate_X_streamed(self, X, *, reset):
-        """Validate an out-of-core ``X`` chunk by chunk (never loading it whole).
-
-        Same checks as :meth:`_validate_X` (2-D, numeric, finite, number of
-        samples and features); returns ``X`` itself.
-        """
-        n_samples = int(X.shape[0])
-        n_features = int(X.shape[1])
+        """Validate an out-of-core ``X`` chunk by chunk (never loading it whole)."""
+        n_samples, n_features = int(X.shape[0]), int(X.shape[1])
         min_samples = self._min_fit_samples if reset else 1
         if n_samples < min_samples:
             raise ValueError(
                 f"Found array with {n_samples} sample(s) (shape={tuple(X.shape)}) while "
                 f"a minimum of {min_samples} is required by {type(self).__name__}."
             )
-        rows_per_chunk = max(1, 2**21 // max(n_features, 1))  # 16 MiB of float64
         release = _PageReleaser(X)
-        for i, rows in enumerate(iter_row_chunks(n_samples, rows_per_chunk)):
+        for i, rows in enumerate(iter_row_chunks(n_samples, chunk_rows(n_features, budget=2**21))):
             part = np.asarray(X[rows])
             if i == 0:
-                validate_data(
-                    self, part, dtype=[np.float64, np.float32], reset=reset,
-                    ensure_min_samples=1,
-                )
+                validate_data(self, part, dtype=[np.float64, np.float32], reset=reset,
+                              ensure_min_samples=1)
             else:
-                check_array(
-                    part, dtype=[np.float64, np.float32], ensure_min_samples=1,
-                    estimator=self, input_name="X",
-                )
+                check_array(part, dtype=[np.float64, np.float32], ensure_min_samples=1,
+                            estimator=self, input_name="X")
             release(part)
         return X
 
@@ -276,55 +422,13 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             and not (self._fit_uses_y and y is not None)
         )
 
-    def _validate_everywhere(self, validate):
-        """Run ``validate()``; under torch.distributed, fail on every process
-        when it fails on one (rather than leave the others waiting)."""
-        if not _distributed.is_distributed() or self._distributed_mode is None:
-            return validate(), None
-        try:
-            return validate(), None
-        except (ValueError, TypeError) as exc:
-            return (None, None), exc
-
-    def _make_partition(self, n_local, n_features=None, error=None):
-        """The :class:`~skdeepmix._distributed.RowPartition` of a fit."""
-        if error is not None and not _distributed.is_distributed():
-            raise error
-        if _distributed.is_distributed() and self._distributed_mode is None:
-            warnings.warn(
-                f"{type(self).__name__} does not support distributed training yet: "
-                "each process fits its own model on its own data. Wrap the call in "
-                "skdeepmix._distributed.local_fit() to silence this warning.",
-                UserWarning,
-            )
-            with _distributed.local_fit():
-                return _distributed.RowPartition(n_local)
-        return _distributed.RowPartition(n_local, n_features, error)
-
-    def _to_tensor(self, X, device=None):
-        if device is None:
-            device = self._runtime_device()
-        return to_tensor(X, device, self._torch_dtype())
-
-    def _rows_per_chunk(self):
-        """Rows processed at once at inference (bounds the memory use)."""
-        chunk_size = getattr(self, "chunk_size", None)
-        if chunk_size is not None:
-            return int(chunk_size)
-        work_per_row = max(int(self._work_per_row()), 1)
-        return int(min(max(2**23 // work_per_row, 256), 2**16))
-
-    def _work_per_row(self):
-        """Number of temporary values one row needs at inference."""
-        return 8 * self.n_features_in_
-
     def _map_chunks(self, fn, X, device):
         """Apply ``fn`` to row chunks of ``X`` (numpy, tensor or RowSource) and
         concatenate the results (a tensor or a tuple of tensors, one row per row).
 
         The outputs are written into tensors allocated once: many small
         per-chunk results kept alive between the chunks' large temporaries
-        fragment the heap (about 1 GB of resident memory for 16M rows).
+        fragment the heap.
         """
         n_rows = X.shape[0]
         outputs, pending, as_tuple = None, [], False
@@ -345,29 +449,36 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             outputs = tuple(torch.cat(column) for column in zip(*pending))
         return outputs if as_tuple else outputs[0]
 
-    def _prepare_inference(self, device):
-        """Hook: put the fitted state on ``device`` (before inference, or before
-        a ``warm_start`` fit continues from it)."""
-
     def _inference(self, fn, X):
+        """Validate ``X`` and map ``fn`` over its row chunks, without gradients."""
         check_is_fitted(self)
         device = self._runtime_device()
         if self._streams(X):
             X = RowSource(self._validate_X_streamed(X, reset=False), device, self._torch_dtype())
         else:
             X = self._validate_X(X, reset=False)
-        self._prepare_inference(device)
-        with torch.no_grad():
+        with self._threads(X.shape[0], device), torch.no_grad():
+            self._prepare_inference(device)
             return self._map_chunks(fn, X, device)
+
+    def _check_sample_weight(self, sample_weight, X):
+        """Validated weights (ndarray of shape (n_samples,)) or None."""
+        if sample_weight is None:
+            return None
+        if X.shape[0] == 0:  # an empty shard of a distributed fit
+            return np.zeros(0)
+        return _check_sample_weight(
+            sample_weight, np.empty((X.shape[0], 0)), dtype=np.float64,
+            ensure_non_negative=True,
+        )
 
     # ------------------------------------------------------------ training
     def fit(self, X, y=None):
         """Fit the model to ``X``.
 
-        The model is trained ``n_init`` times (each run until the change of the
-        objective is below ``tol`` or ``max_iter`` iterations) and the run with
-        the highest objective is kept. With ``warm_start=True`` a second call
-        continues from the fitted state.
+        The model is trained ``n_init`` times (each run until it converges or
+        reaches ``max_iter``) and the run with the highest objective is kept.
+        With ``warm_start=True`` a second call continues from the fitted state.
 
         Parameters
         ----------
@@ -381,10 +492,9 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         self : object
             The fitted estimator.
         """
-        self.fit_predict(X, y)
+        self._fit(X, y)
         return self
 
-    @_fit_context(prefer_skip_nested_validation=True)
     def fit_predict(self, X, y=None):
         """Fit the model and predict labels for ``X``.
 
@@ -400,107 +510,175 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         -------
         labels : ndarray of shape (n_samples,)
         """
+        return self._fit(X, y)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def _fit(self, X, y=None, sample_weight=None):
+        """Validate, fit, and return the labels of the training rows."""
+
         def validate():
             if self._streams(X, y):
                 return self._validate_X_streamed(X, reset=True), None
             return self._validate_fit_input(X, y)
 
         (X, y), error = self._validate_everywhere(validate)
+        if error is None:
+            (sample_weight, _), error = self._validate_everywhere(
+                lambda: (self._check_sample_weight(sample_weight, X), None)
+            )
         if error is not None:
-            X, y = np.zeros((0, 0)), None
-        self._partition = self._make_partition(X.shape[0], X.shape[1], error)
-        try:
-            with _distributed.gradient_sync(self._distributed_mode == "gradients"):
-                return self._fit_predict_validated(X, y)
-        finally:
-            del self._partition
-
-    def _fit_predict_validated(self, X, y):
+            X, y, sample_weight = np.zeros((0, 0)), None, None
+        partition = _distributed.RowPartition(X.shape[0], X.shape[1], error)
         continuing = self.warm_start and hasattr(self, "converged_")
         if not continuing:
             self._dtype = self._fit_dtype(X)
-        self._check_parameters(X)
         device = self._fit_device()
-        if self._streams(X, y):
-            Xt = RowSource(X, device, self._torch_dtype())
-        else:
-            Xt = to_tensor(X, device, self._torch_dtype())
-        yt = None if y is None else torch.as_tensor(np.array(y), device=device)
-        generator = make_generator(self.random_state, device)
+        with self._threads(partition.n_total, device), _distributed.gradient_sync(
+            self._distributed_mode == "gradients"
+        ):
+            ctx = self._make_context(X, y, sample_weight, partition, device)
+            return self._fit_validated(X, ctx, continuing)
 
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
-        n_init = self.n_init if do_init else 1
-        if not do_init:
-            self._prepare_inference(device)  # continue from the fitted state
+    def _validate_everywhere(self, validate):
+        """Run ``validate()``; under torch.distributed, fail on every process
+        when it fails on one (rather than leave the others waiting)."""
+        if not _distributed.is_distributed():
+            return validate(), None
+        try:
+            return validate(), None
+        except (ValueError, TypeError) as exc:
+            return (None, None), exc
+
+    def _make_context(self, X, y, sample_weight, partition, device, generator=None):
+        classes = None
+        yt = None
+        if y is not None:
+            classes, y_index = np.unique(y, return_inverse=True)
+            yt = torch.as_tensor(y_index, device=device)
+        weights = None
+        if sample_weight is not None:
+            weights = to_tensor(sample_weight, device, self._torch_dtype())
+        return FitContext(
+            device=device,
+            dtype=self._torch_dtype(),
+            generator=generator if generator is not None else make_generator(
+                self.random_state, device
+            ),
+            partition=partition,
+            y=yt,
+            sample_weight=weights,
+            classes=classes,
+        )
+
+    def _fit_validated(self, X, ctx, continuing):
+        self._check_parameters(X, ctx)
+        if self._streams(X):
+            Xt = RowSource(X, ctx.device, ctx.dtype)
         else:
-            self.__dict__.pop("n_steps_", None)  # a new fit forgets partial_fit
+            Xt = to_tensor(X, ctx.device, ctx.dtype)
+        n_init = 1 if continuing else self.n_init
+        steps = n_init * (self._n_progress_steps() + self.max_iter)
         best = None
-        for init in range(n_init):
-            if do_init:
-                self._initialize(Xt, generator, y=yt)
-                self._broadcast_initial_state()
-            start = -math.inf if do_init else self.lower_bound_
-            run = self._run_iterations(Xt, yt, generator, start, init)
-            if best is None or run["objective"] > best["objective"]:
-                best = dict(run, state=self._get_state())
+        with Progress(self, steps) as progress:
+            ctx.progress = progress
+            if continuing:
+                self._prepare_inference(ctx.device)
+            else:
+                self.__dict__.pop("n_steps_", None)  # a new fit forgets partial_fit
+            for init in range(n_init):
+                progress.set_description(
+                    f"{type(self).__name__}" + (f" init {init + 1}/{n_init}" if n_init > 1 else "")
+                )
+                if not continuing:
+                    self._initialize(Xt, ctx)
+                    self._broadcast_initial_state(ctx)
+                start = [] if not continuing else [self.lower_bound_]
+                run = self._run_iterations(Xt, ctx, start, init)
+                if best is None or run["objective"] > best["objective"]:
+                    best = dict(run, state=self._get_state())
+            progress.finish()
 
         if not best["converged"] and self.max_iter > 0:
-            warnings.warn(
-                f"{type(self).__name__}: the best of {n_init} initialisation(s) did "
-                f"not converge within max_iter={self.max_iter} iterations (last "
-                f"change of the objective above tol={self.tol}). Increase max_iter "
-                "or tol, or check the data for degenerate features.",
-                ConvergenceWarning,
-            )
+            warnings.warn(CONVERGENCE_MESSAGE, ConvergenceWarning)
         self._set_state(best["state"])
         self.converged_ = best["converged"]
         self.n_iter_ = best["n_iter"]
         self.lower_bound_ = best["objective"]
         self.lower_bounds_ = [h["objective"] for h in best["history"]]
         self.history_ = best["history"]
-        self._finalize_fit(Xt, yt)
+        self._finalize_fit(Xt, ctx)
         with torch.no_grad():
-            return to_numpy(self._fit_labels(Xt))
+            return self._decode_labels(to_numpy(self._fit_labels(Xt)))
+
+    def _decode_labels(self, labels):
+        """Labels as returned to the user (class labels after a supervised fit)."""
+        return labels
 
     def _fit_labels(self, X):
         """Labels of the training rows (argmax per chunk: no (n, K) array)."""
-        own = type(self)._estimate_log_prob_resp_chunked
-        if own is not BaseDeepMixture._estimate_log_prob_resp_chunked:
-            _, log_resp = self._estimate_log_prob_resp_chunked(X)
-            return log_resp.argmax(dim=1)
+        self._prepare_inference(X.device)
         return self._map_chunks(
             lambda chunk: self._estimate_log_prob_resp(chunk)[1].argmax(dim=1), X, X.device
         )
 
-    def _broadcast_initial_state(self):
+    def _broadcast_initial_state(self, ctx):
         """'gradients' mode: every process starts from rank 0's initial state."""
-        partition = getattr(self, "_partition", None)
-        if self._distributed_mode == "gradients" and partition is not None and partition.active:
+        if self._distributed_mode == "gradients" and ctx.partition.active:
             self._set_state(_distributed.broadcast_object(self._get_state()))
 
-    def _global_objective(self, objective):
+    def _global_objective(self, objective, ctx):
         """'gradients' mode: the sample-weighted mean of the processes' objectives."""
-        partition = getattr(self, "_partition", None)
-        if self._distributed_mode != "gradients" or partition is None or not partition.active:
+        partition = ctx.partition
+        if self._distributed_mode != "gradients" or not partition.active:
             return objective
         return partition.sum_scalar(objective * partition.n_local) / partition.n_total
+
+    def _checked_objective(self, metrics, where, ctx):
+        """``(metrics dict, global objective)``; raises when training diverged."""
+        if not isinstance(metrics, dict):
+            metrics = {"objective": metrics}
+        objective = self._global_objective(float(metrics["objective"]), ctx)
+        if not math.isfinite(objective):
+            raise TrainingDivergedError(
+                f"{type(self).__name__} diverged at {where}: the objective is "
+                f"{objective}. Try float64 (dtype='float64'), scaling the data, more "
+                "regularisation or a smaller learning rate."
+            )
+        return metrics, objective
+
+    def _run_iterations(self, X, ctx, objectives, init):
+        history, converged, n_iter = [], False, 0
+        objective = objectives[-1] if objectives else -math.inf
+        objectives = list(objectives)
+        for n_iter in range(1, self.max_iter + 1):
+            metrics, objective = self._checked_objective(
+                self._fit_iteration(X, ctx), f"iteration {n_iter} of initialisation {init}", ctx
+            )
+            objectives.append(objective)
+            history.append({"iteration": n_iter, **_as_floats(metrics)})
+            ctx.progress.step(objective=objective)
+            change = objectives[-1] - objectives[-2] if len(objectives) > 1 else math.nan
+            ctx.progress.report(n_iter, objective, change)
+            if self._converged(objectives):
+                converged = True
+                break
+        ctx.progress.skip(self.max_iter - n_iter)
+        return {"objective": objective, "converged": converged, "n_iter": n_iter,
+                "history": history}
 
     # ------------------------------------------------------ partial_fit
     def _has_partial_fit_step(self):
         return type(self)._partial_fit_step is not BaseDeepMixture._partial_fit_step
 
     @available_if(_has_partial_fit_step)
-    @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
         """Update the model with one mini-batch (incremental / online learning).
 
         The first call (on an unfitted estimator) validates the batch, fixes
         ``n_features_in_`` and initialises the model from the batch; every call
-        then makes one update on the batch: a stepwise-EM step for EM
-        estimators, one optimizer step for gradient-trained ones. A fitted
-        estimator (after ``fit``) continues from its fitted state. Under
-        torch.distributed each process passes its own batch and the update
-        uses all of them.
+        then makes one update on the batch. A fitted estimator (after ``fit``)
+        continues from its fitted state. Under torch.distributed each process
+        passes its own batch and the update uses all of them.
 
         Parameters
         ----------
@@ -513,113 +691,51 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         self : object
             With ``n_steps_`` (number of updates made) incremented.
         """
+        self._partial_fit(X, y)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def _partial_fit(self, X, y=None, sample_weight=None):
         initialised = hasattr(self, "n_steps_") or hasattr(self, "lower_bound_")
 
         def validate():
             if not initialised:
                 return self._validate_fit_input(X, y)
-            if self._fit_uses_y and y is not None:
-                return validate_data(self, X, y, dtype=[np.float64, np.float32], reset=False)
             return self._validate_X(X, reset=False), y
 
         (X, y), error = self._validate_everywhere(validate)
+        if error is None:
+            (sample_weight, _), error = self._validate_everywhere(
+                lambda: (self._check_sample_weight(sample_weight, X), None)
+            )
         if error is not None:
-            X, y = np.zeros((0, 0)), None
-        self._partition = self._make_partition(X.shape[0], X.shape[1], error)
-        try:
-            with _distributed.gradient_sync(self._distributed_mode == "gradients"):
-                self._partial_fit_validated(X, y, initialised)
-        finally:
-            del self._partition
-        return self
-
-    def _partial_fit_validated(self, X, y, initialised):
+            X, y, sample_weight = np.zeros((0, 0)), None, None
+        partition = _distributed.RowPartition(X.shape[0], X.shape[1], error)
         if not initialised:
             self._dtype = self._fit_dtype(X)
         device = self._fit_device()
-        Xt = to_tensor(X, device, self._torch_dtype())
-        yt = None if y is None else torch.as_tensor(np.array(y), device=device)
-        generator = make_generator(self.random_state, device)
         steps = getattr(self, "n_steps_", 0)
+        generator = make_generator(self.random_state, device)
         if steps:  # a different, reproducible stream of draws for each call
             generator.manual_seed((generator.initial_seed() + steps) % 2**63)
-        if not initialised:
-            self._check_parameters(X)
-            self._initialize(Xt, generator, y=yt)
-            self._broadcast_initial_state()
-        else:
-            self._prepare_inference(device)
-        self.n_steps_ = steps
-        metrics, objective = self._checked_objective(
-            self._partial_fit_step(Xt, generator, y=yt), f"partial_fit step {steps + 1}"
-        )
+        with self._threads(partition.n_total, device), _distributed.gradient_sync(
+            self._distributed_mode == "gradients"
+        ):
+            ctx = self._make_context(X, y, sample_weight, partition, device, generator)
+            ctx.progress = Progress(self, 0)
+            Xt = ctx.tensor(X)
+            if not initialised:
+                self._check_parameters(X, ctx)
+                self._initialize(Xt, ctx)
+                self._broadcast_initial_state(ctx)
+            else:
+                self._prepare_inference(device)
+            self.n_steps_ = steps
+            _, objective = self._checked_objective(
+                self._partial_fit_step(Xt, ctx), f"partial_fit step {steps + 1}", ctx
+            )
         self.n_steps_ = steps + 1
         self.lower_bound_ = objective
-
-    def _checked_objective(self, metrics, where):
-        """``(metrics dict, global objective)``; raises when training diverged."""
-        if not isinstance(metrics, dict):
-            metrics = {"objective": metrics}
-        objective = self._global_objective(float(metrics["objective"]))
-        if not math.isfinite(objective):
-            raise TrainingDivergedError(
-                f"{type(self).__name__} diverged at {where}: the objective is "
-                f"{objective}. Try float64 (dtype='float64'), scaling the data, more "
-                "regularisation or a smaller learning rate."
-            )
-        return metrics, objective
-
-    def _run_iterations(self, X, y, generator, objective, init):
-        history, converged, n_iter = [], False, 0
-        progress = self._progress_bar(init)
-        try:
-            for n_iter in range(1, self.max_iter + 1):
-                previous = objective
-                metrics, objective = self._checked_objective(
-                    self._fit_iteration(X, generator, y=y),
-                    f"iteration {n_iter} of initialisation {init}",
-                )
-                history.append({"iteration": n_iter, **_as_floats(metrics)})
-                change = objective - previous
-                self._report_iteration(progress, n_iter, objective, change)
-                if abs(change) < self.tol:
-                    converged = True
-                    break
-        finally:
-            if progress is not None:
-                progress.close()
-        return {
-            "objective": objective,
-            "converged": converged,
-            "n_iter": n_iter,
-            "history": history,
-        }
-
-    def _progress_bar(self, init):
-        if not self.verbose or self.max_iter == 0 or not _distributed.is_main_process():
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.max_iter,
-            desc=f"{type(self).__name__} init {init}",
-            leave=self.verbose > 1,
-        )
-
-    def _report_iteration(self, progress, n_iter, objective, change):
-        if progress is None:
-            return
-        progress.update(1)
-        progress.set_postfix(objective=f"{objective:.5g}", change=f"{change:.3g}")
-        interval = getattr(self, "verbose_interval", 10)
-        if self.verbose > 1 and n_iter % interval == 0:
-            progress.write(
-                f"  Iteration {n_iter}\t objective {objective:.6g}\t change {change:.3g}"
-            )
-
-    def _estimate_log_prob_resp_chunked(self, X):
-        """Chunked :meth:`_estimate_log_prob_resp` over a tensor already on device."""
-        return self._map_chunks(self._estimate_log_prob_resp, X, X.device)
 
     # ------------------------------------------------------------ inference
     def score_samples(self, X):
@@ -675,8 +791,8 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         -------
         labels : ndarray of shape (n_samples,)
         """
-        _, log_resp = self._inference(self._estimate_log_prob_resp, X)
-        return to_numpy(log_resp.argmax(dim=1))
+        labels = self._inference(lambda c: self._estimate_log_prob_resp(c)[1].argmax(dim=1), X)
+        return self._decode_labels(to_numpy(labels))
 
     def sample(self, n_samples=1):
         """Generate random samples from the fitted model.
@@ -695,15 +811,15 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             Component (or cluster) label of each sample.
         """
         check_is_fitted(self)
-        if not isinstance(n_samples, Integral) or n_samples < 1:
+        if isinstance(n_samples, bool) or not isinstance(n_samples, Integral) or n_samples < 1:
             raise ValueError(
                 f"Invalid value for 'n_samples': {n_samples!r}. The sampling "
                 "requires at least one sample."
             )
         device = self._runtime_device()
-        self._prepare_inference(device)
         generator = make_generator(self.random_state, device)
-        with torch.no_grad():
+        with self._threads(int(n_samples), device), torch.no_grad():
+            self._prepare_inference(device)
             X, y = self._sample(int(n_samples), generator)
         return to_numpy(X), to_numpy(y).astype(np.int64)
 
@@ -719,9 +835,7 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         bic : float
         """
         n_samples = np.shape(X)[0]
-        return -2 * self.score(X) * n_samples + self._n_parameters() * math.log(
-            n_samples
-        )
+        return -2 * self.score(X) * n_samples + self._n_parameters() * math.log(n_samples)
 
     def aic(self, X):
         """Akaike information criterion on ``X`` (lower is better).

@@ -20,6 +20,7 @@ import math
 import torch
 
 __all__ = [
+    "LOG_2PI",
     "COVARIANCE_TYPES",
     "covariance_shape",
     "precision_cholesky_from_covariances",
@@ -29,6 +30,7 @@ __all__ = [
     "log_det_cholesky",
     "log_gaussian_prob",
     "normalize_log_prob",
+    "sample_gaussian",
     "SufficientStatistics",
     "blend_moments",
     "moments_from_parameters",
@@ -42,6 +44,7 @@ __all__ = [
 # Gaussians in scikit-learn's parametrisation (full / tied / diag / spherical)
 # ============================================================================
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+LOG_2PI = math.log(2.0 * math.pi)
 
 _ILL_DEFINED = (
     "Fitting the mixture model failed because some components have ill-defined "
@@ -141,7 +144,8 @@ def log_det_cholesky(precisions_cholesky, covariance_type, n_features):
     return n_features * precisions_cholesky.log()
 
 
-def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=None):
+def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=None,
+                      X_var=None):
     """Log-density of each sample under each Gaussian component.
 
     Parameters
@@ -149,12 +153,17 @@ def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=Non
     X : Tensor of shape (n_samples, n_features)
     means : Tensor of shape (n_components, n_features)
     precisions_cholesky : Tensor
-        As returned by :func:`precision_cholesky_from_covariances`.
+        As returned by :func:`precision_cholesky_from_covariances`:
+        ``(K, d, d)`` full, ``(d, d)`` tied, ``(K, d)`` diag, ``(K,)`` spherical.
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     center : Tensor of shape (n_features,), optional
         A point subtracted from ``X`` and ``means`` first. The result is the
         same; it keeps the expanded squares of diag/spherical accurate in
         float32 when the data are far from the origin.
+    X_var : Tensor of shape (n_samples, n_features), optional
+        Per-sample variances: the result is then the *expected* log-density
+        ``E[log N(x; mu_k, Sigma_k)]`` under ``x ~ N(X, diag(X_var))`` (e.g. a
+        VAE posterior), which adds ``sum_d X_var_d (Sigma_k^-1)_dd / 2``.
 
     Returns
     -------
@@ -194,7 +203,56 @@ def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=Non
             + X.square().sum(1, keepdim=True) * precisions
         )
     mahalanobis = mahalanobis.clamp_min(0.0)
-    return -0.5 * (n_features * math.log(2 * math.pi) + mahalanobis) + log_det
+    if X_var is not None:
+        mahalanobis = mahalanobis + X_var @ _precision_diagonals(
+            precisions_cholesky, covariance_type, n_components, n_features
+        ).T
+    return -0.5 * (n_features * LOG_2PI + mahalanobis) + log_det
+
+
+def _precision_diagonals(precisions_cholesky, covariance_type, n_components, n_features):
+    """Diagonals of the precision matrices, shape (n_components, n_features)."""
+    if covariance_type == "full":
+        return precisions_cholesky.square().sum(-1)
+    if covariance_type == "tied":
+        return precisions_cholesky.square().sum(-1).expand(n_components, n_features)
+    if covariance_type == "diag":
+        return precisions_cholesky.square()
+    return precisions_cholesky.square()[:, None].expand(n_components, n_features)
+
+
+def sample_gaussian(means, precisions_cholesky, covariance_type, labels, generator):
+    """One draw from component ``labels[i]`` for every ``i``.
+
+    Parameters
+    ----------
+    means : Tensor of shape (n_components, n_features)
+    precisions_cholesky : Tensor
+        As in :func:`log_gaussian_prob`.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    labels : LongTensor of shape (n_samples,)
+    generator : torch.Generator
+
+    Returns
+    -------
+    X : Tensor of shape (n_samples, n_features)
+    """
+    noise = torch.randn(
+        labels.shape[0], means.shape[1], generator=generator, device=means.device,
+        dtype=means.dtype,
+    )
+    if covariance_type == "diag":
+        return means[labels] + noise / precisions_cholesky[labels]
+    if covariance_type == "spherical":
+        return means[labels] + noise / precisions_cholesky[labels, None]
+    # x - mu = P^-T z, since precision = P P^T with P upper triangular; one
+    # triangular solve per component (no (n, d, d) gather)
+    X = means[labels]
+    for k in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == k).flatten()
+        factor = precisions_cholesky[k] if covariance_type == "full" else precisions_cholesky
+        X[rows] += torch.linalg.solve_triangular(factor.T, noise[rows].T, upper=False).T
+    return X
 
 
 def normalize_log_prob(weighted_log_prob):
@@ -483,7 +541,7 @@ def mfa_log_prob(X, means, loadings, log_noise_var):
     solved = torch.einsum("kij,nkj->nki", chol_inv, proj)
     maha = quad - (solved * solved).sum(-1)
     maha = maha.clamp_min(0.0)
-    return -0.5 * (n_features * math.log(2.0 * math.pi) + log_det + maha)
+    return -0.5 * (n_features * LOG_2PI + log_det + maha)
 
 
 def mfa_covariances(loadings, log_noise_var):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -9,6 +10,11 @@ import torch
 from sklearn.utils import check_random_state
 
 __all__ = [
+    "MEMORY_BUDGET",
+    "build_module",
+    "init_layers_",
+    "chunk_rows",
+    "limit_threads",
     "resolve_device",
     "resolve_dtype",
     "make_generator",
@@ -30,46 +36,58 @@ def resolve_device(device, *, fallback_to_cpu=False):
 
     Parameters
     ----------
-    device : {'auto', 'cpu', 'cuda', 'cuda:N'} or torch.device
+    device : {'auto', 'cpu', 'cuda', 'cuda:N', 'mps'} or torch.device
         ``'auto'`` picks CUDA when it is available, else the CPU.
     fallback_to_cpu : bool, default=False
-        When the requested CUDA device is not available, use the CPU instead of
+        When the requested accelerator is not available, use the CPU instead of
         raising (used at predict time, so that a model fitted on a GPU and
         unpickled on a CPU-only machine still works).
 
     Returns
     -------
     device : torch.device
+
+    Raises
+    ------
+    ValueError
+        For an unknown or unsupported device, or one this machine lacks.
+    TypeError
+        If ``device`` is neither a string nor a torch.device.
     """
-    if isinstance(device, torch.device):
-        resolved = device
-    elif isinstance(device, str):
+    supported = "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+    if isinstance(device, str):
         if device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
             resolved = torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"Invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'."
-            ) from exc
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"Invalid device {device!r}: {supported}.") from exc
+    elif isinstance(device, torch.device):
+        resolved = device
     else:
         raise TypeError(
             f"device must be a string or a torch.device, got {type(device).__name__}."
         )
+    if resolved.type == "cpu":
+        return resolved
     if resolved.type == "cuda":
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = resolved.index or 0
-        if index >= n_gpus:
-            if fallback_to_cpu:
-                return torch.device("cpu")
-            raise ValueError(
-                f"device={str(device)!r} was requested but this machine has "
-                f"{n_gpus} CUDA device(s) available to torch; use device='cpu' or "
-                "device='auto'."
-            )
-    elif resolved.type not in ("cpu", "mps"):
-        raise ValueError(f"Unsupported device type {resolved.type!r}.")
-    return resolved
+        available = (resolved.index or 0) < n_gpus
+        what = f"this machine has {n_gpus} CUDA device(s) available to torch"
+    elif resolved.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        available = bool(backend is not None and backend.is_available())
+        what = "torch's MPS backend is not available on this machine"
+    else:
+        raise ValueError(f"Unsupported device {str(device)!r}: {supported}.")
+    if available:
+        return resolved
+    if fallback_to_cpu:
+        return torch.device("cpu")
+    raise ValueError(
+        f"device={str(device)!r} was requested but {what}; use device='cpu' or "
+        "device='auto'."
+    )
 
 
 def resolve_dtype(dtype):
@@ -117,6 +135,56 @@ def make_generator(random_state, device):
     return generator
 
 
+def build_module(factory, generator, device, dtype):
+    """Build a torch module whose random initial values come from ``generator``.
+
+    ``factory()`` runs on torch's ``meta`` device, so that constructing the
+    layers draws nothing from (and changes nothing in) torch's global random
+    generators; the module is then materialised on ``device`` with ``dtype``
+    and initialised by its ``reset_parameters(generator)`` method, which must
+    set *every* parameter and buffer (see :func:`init_layers_`).
+
+    Parameters
+    ----------
+    factory : callable
+        Returns the module (e.g. ``lambda: GMVAE(784, 10, 20)``).
+    generator : torch.Generator
+    device : torch.device
+    dtype : torch.dtype
+
+    Returns
+    -------
+    module : torch.nn.Module
+    """
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        module.reset_parameters(generator)
+    return module
+
+
+_DEFAULT_INIT_LAYERS = (
+    torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+)
+
+
+def init_layers_(module, generator):
+    """torch's default initialisation of the linear and convolution layers of
+    ``module`` (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weights and biases,
+    which is what ``kaiming_uniform_(a=sqrt(5))`` gives), drawn from
+    ``generator``. Returns ``module``."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, _DEFAULT_INIT_LAYERS):
+                fan_in = layer.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                if layer.bias is not None:
+                    layer.bias.uniform_(-bound, bound, generator=generator)
+    return module
+
+
 def to_tensor(X, device, dtype):
     """Convert an array to a tensor on ``device`` with ``dtype``.
 
@@ -136,6 +204,63 @@ def to_tensor(X, device, dtype):
 def to_numpy(tensor):
     """Detach a tensor, move it to the CPU and return a numpy array."""
     return tensor.detach().cpu().numpy()
+
+
+#: Values (not bytes) one chunk's largest temporary may hold: 2**20 values are
+#: 4 MiB in float32 and 8 MiB in float64, large enough for efficient matrix
+#: products and small enough to stay in the CPU's caches.
+MEMORY_BUDGET = 2**20
+
+
+def chunk_rows(work_per_row, chunk_size=None, *, budget=MEMORY_BUDGET, min_rows=64,
+               max_rows=2**16):
+    """Rows to process at once: ``chunk_size``, or what fits the memory budget.
+
+    The one rule by which every estimator bounds its temporaries.
+
+    Parameters
+    ----------
+    work_per_row : int
+        Temporary values one row needs (e.g. ``n_components * n_features``).
+    chunk_size : int or None, default=None
+        A user's explicit choice, returned as it is.
+    budget : int, default=MEMORY_BUDGET
+        Values the largest temporary may hold.
+    min_rows, max_rows : int
+        Bounds of the automatic choice.
+
+    Returns
+    -------
+    rows : int
+    """
+    if chunk_size is not None:
+        return int(chunk_size)
+    return int(min(max(budget // max(int(work_per_row), 1), min_rows), max_rows))
+
+
+class limit_threads:
+    """Context manager: at most ``n_threads`` torch CPU threads, restored on exit.
+
+    Whatever it sets, it sets for the duration of the ``with`` block only
+    (threadpoolctl-style); ``None`` changes nothing.
+    """
+
+    def __init__(self, n_threads):
+        self.n_threads = n_threads
+        self.previous = None
+
+    def __enter__(self):
+        current = torch.get_num_threads()
+        if self.n_threads is not None and int(self.n_threads) < current:
+            self.previous = current
+            torch.set_num_threads(max(int(self.n_threads), 1))
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            torch.set_num_threads(self.previous)
+            self.previous = None
+        return False
 
 
 def iter_row_chunks(n_rows, chunk_size):

@@ -11,7 +11,6 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _gaussian as G
 from ._base import BaseDeepMixture
-from ._distributed import RowPartition, local_fit
 from ._kmeans import kmeans, kmeans_plusplus
 from ._torch_utils import iter_row_chunks, to_numpy, to_tensor
 
@@ -135,14 +134,13 @@ class GaussianMixture(BaseDeepMixture):
         "weights_init": ["array-like", None],
         "means_init": ["array-like", None],
         "precisions_init": ["array-like", None],
-        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
-        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
         "learning_offset": [Interval(Real, 0.0, None, closed="left")],
         "learning_decay": [Interval(Real, 0.0, 1.0, closed="right")],
     }
 
     _supports_out_of_core = True
     _distributed_mode = "exact"
+    _parallel_work = 2**20
 
     def __init__(
         self,
@@ -167,37 +165,32 @@ class GaussianMixture(BaseDeepMixture):
         learning_offset=10.0,
         learning_decay=0.7,
     ):
+        super().__init__(
+            tol=tol,
+            max_iter=max_iter,
+            n_init=n_init,
+            random_state=random_state,
+            warm_start=warm_start,
+            verbose=verbose,
+            verbose_interval=verbose_interval,
+            device=device,
+            dtype=dtype,
+            chunk_size=chunk_size,
+        )
         self.n_components = n_components
         self.covariance_type = covariance_type
-        self.tol = tol
         self.reg_covar = reg_covar
-        self.max_iter = max_iter
-        self.n_init = n_init
         self.init_params = init_params
         self.weights_init = weights_init
         self.means_init = means_init
         self.precisions_init = precisions_init
-        self.random_state = random_state
-        self.warm_start = warm_start
-        self.verbose = verbose
-        self.verbose_interval = verbose_interval
-        self.device = device
-        self.dtype = dtype
-        self.chunk_size = chunk_size
         self.learning_offset = learning_offset
         self.learning_decay = learning_decay
 
     # ------------------------------------------------------------ validation
-    def _get_partition(self, X=None):
-        partition = getattr(self, "_partition", None)
-        if partition is None:
-            with local_fit():
-                partition = RowPartition(X.shape[0] if X is not None else 0)
-        return partition
-
-    def _check_parameters(self, X):
+    def _check_parameters(self, X, ctx):
         n_features = X.shape[1]
-        n_samples = self._get_partition(X).n_total
+        n_samples = ctx.partition.n_total
         if n_samples < self.n_components:
             raise ValueError(
                 "Expected n_samples >= n_components but got n_components = "
@@ -216,23 +209,16 @@ class GaussianMixture(BaseDeepMixture):
     def _work_per_row(self):
         return self.n_components * (self.n_features_in_ + 2)
 
-    def _rows_per_chunk(self):
-        if self.chunk_size is not None:
-            return int(self.chunk_size)
-        # about 2**20 values (8 MiB in float64) per temporary: large enough for
-        # efficient matrix products, small enough to stay in the CPU caches
-        return int(min(max(2**20 // self._work_per_row(), 256), 2**16))
-
     # -------------------------------------------------------- initialisation
-    def _initialize(self, X, generator, y=None):
-        n_samples = self._get_partition(X).n_total
+    def _initialize(self, X, ctx):
+        n_samples = ctx.partition.n_total
         self._online_stats = None
         tensor = lambda a: to_tensor(a, X.device, X.dtype)  # noqa: E731
         if all(p is not None for p in (self._weights_init, self._means_init, self._precisions_init)):
             params = {}
         else:
             nk, means, covariances = self._parameters_from_responsibilities(
-                X, self._initial_responsibilities(X, generator)
+                X, self._initial_responsibilities(X, ctx), ctx.partition
             )
             params = {"weights": nk / n_samples, "means": means, "covariances": covariances}
         if self._weights_init is not None:
@@ -251,9 +237,9 @@ class GaussianMixture(BaseDeepMixture):
             params["covariances"] = G.covariances_from_cholesky(chol, self.covariance_type)
         self._params = params
 
-    def _initial_responsibilities(self, X, generator):
+    def _initial_responsibilities(self, X, ctx):
         """A function ``rows -> resp`` (so that no (n, K) matrix is stored)."""
-        partition = self._get_partition(X)
+        partition, generator = ctx.partition, ctx.generator
         n_samples, K = partition.n_total, self.n_components
         chunk = self._rows_per_chunk()
         if self.init_params == "kmeans":
@@ -270,8 +256,7 @@ class GaussianMixture(BaseDeepMixture):
         local = indices - partition.offset  # global -> local row indices
         return lambda rows: _one_hot_at(local, rows, K, X.dtype, X.device)
 
-    def _parameters_from_responsibilities(self, X, resp_of_rows):
-        partition = self._get_partition(X)
+    def _parameters_from_responsibilities(self, X, resp_of_rows, partition):
         if partition.active:  # the mean of the first 4096 rows of all the shards
             n_head = min(partition.n_total, 4096)
             local_head = max(0, min(X.shape[0], n_head - partition.offset))
@@ -298,13 +283,12 @@ class GaussianMixture(BaseDeepMixture):
         return nk, means, covariances
 
     # ------------------------------------------------------------------- EM
-    def _e_step_parameters(self, X, reg_covar):
+    def _e_step_parameters(self, X, reg_covar, partition):
         """E-step over all (chunks of) rows and the M-step's parameters.
 
         Returns ``(mean_log_likelihood, nk, means, covariances, n_total)``; the
         statistics are summed over the processes of a distributed fit.
         """
-        partition = self._get_partition(X)
         params = self._params
         center = params["weights"] @ params["means"]
         stats = G.SufficientStatistics(self.covariance_type, params["means"], center)
@@ -326,10 +310,10 @@ class GaussianMixture(BaseDeepMixture):
             nk, means, covariances, _ = stats.mixture_parameters(reg_covar)
         return mean_log_likelihood, nk, means, covariances, partition.n_total
 
-    def _fit_iteration(self, X, generator, y=None):
+    def _fit_iteration(self, X, ctx):
         """One E-step + M-step; returns the E-step's mean log-likelihood."""
         mean_log_likelihood, nk, means, covariances, _ = self._e_step_parameters(
-            X, self.reg_covar
+            X, self.reg_covar, ctx.partition
         )
         self._params = self._parameters(nk / nk.sum(), means, covariances)
         return mean_log_likelihood
@@ -350,11 +334,13 @@ class GaussianMixture(BaseDeepMixture):
         """``rho_t = (learning_offset + t) ** -learning_decay`` (``t >= 1``)."""
         return float((self.learning_offset + step) ** -self.learning_decay)
 
-    def _partial_fit_step(self, X, generator, y=None):
+    def _partial_fit_step(self, X, ctx):
         """One stepwise-EM step on the batch ``X``; returns its mean log-likelihood."""
         params = self._params
         dtype, device = params["means"].dtype, params["means"].device
-        mean_log_likelihood, nk, means, covariances, n_total = self._e_step_parameters(X, 0.0)
+        mean_log_likelihood, nk, means, covariances, n_total = self._e_step_parameters(
+            X, 0.0, ctx.partition
+        )
         batch = {"weights": nk / n_total, "means": means, "covariances": covariances}
         running = getattr(self, "_online_stats", None)
         if running is not None:
@@ -422,25 +408,11 @@ class GaussianMixture(BaseDeepMixture):
     # ------------------------------------------------------------- sampling
     def _sample(self, n_samples, generator):
         params = self._params
-        weights, means = params["weights"], params["means"]
-        labels = torch.multinomial(weights, n_samples, replacement=True, generator=generator)
-        labels = labels.sort().values
-        noise = torch.randn(
-            n_samples, means.shape[1], generator=generator, device=means.device, dtype=means.dtype
-        )
-        chol = params["precisions_cholesky"]
-        counts = torch.bincount(labels, minlength=self.n_components).tolist()
-        offsets, start = [], 0
-        for k, count in enumerate(counts):
-            z = noise[start : start + count]
-            start += count
-            if self.covariance_type in ("full", "tied"):
-                # x - mu = P^-T z, since precision = P P^T with P upper triangular
-                factor = chol[k] if self.covariance_type == "full" else chol
-                offsets.append(torch.linalg.solve_triangular(factor.T, z.T, upper=False).T)
-            else:
-                offsets.append(z / chol[k])
-        return means[labels] + torch.cat(offsets), labels
+        labels = torch.multinomial(params["weights"], n_samples, replacement=True,
+                                   generator=generator).sort().values
+        X = G.sample_gaussian(params["means"], params["precisions_cholesky"],
+                              self.covariance_type, labels, generator)
+        return X, labels
 
     def _n_parameters(self):
         n_features = self.means_.shape[1]

@@ -18,23 +18,19 @@ class ScriptedMixture(BaseDeepMixture):
     """A one-component 'model' whose objective follows a given script."""
 
     def __init__(self, objectives=(1.0, 2.0, 2.0), max_iter=10, tol=1e-3, n_init=1,
-                 random_state=None, warm_start=False, verbose=0, device="cpu",
-                 dtype="float64"):
+                 random_state=None, warm_start=False, verbose=0, verbose_interval=10,
+                 device="cpu", dtype="float64", chunk_size=None):
+        super().__init__(tol=tol, max_iter=max_iter, n_init=n_init, random_state=random_state,
+                         warm_start=warm_start, verbose=verbose,
+                         verbose_interval=verbose_interval, device=device, dtype=dtype,
+                         chunk_size=chunk_size)
         self.objectives = objectives
-        self.max_iter = max_iter
-        self.tol = tol
-        self.n_init = n_init
-        self.random_state = random_state
-        self.warm_start = warm_start
-        self.verbose = verbose
-        self.device = device
-        self.dtype = dtype
 
-    def _initialize(self, X, generator, y=None):
+    def _initialize(self, X, ctx):
         self.mean_ = X.mean(0)
         self._step = 0
 
-    def _fit_iteration(self, X, generator, y=None):
+    def _fit_iteration(self, X, ctx):
         value = self.objectives[min(self._step, len(self.objectives) - 1)]
         self._step += 1
         return {"objective": value, "extra": 2 * value}
@@ -76,7 +72,7 @@ def test_divergence_is_reported():
 
 
 def test_convergence_warning():
-    with pytest.warns(ConvergenceWarning, match="did not converge"):
+    with pytest.warns(ConvergenceWarning, match="^Best performing initialization did not converge"):
         ScriptedMixture(objectives=(1.0, 2.0, 3.0, 4.0), max_iter=3).fit(X)
 
 
