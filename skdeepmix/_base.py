@@ -91,6 +91,7 @@ from ._torch_utils import (
     RowSource,
     _PageReleaser,
     chunk_rows,
+    idle_cpus,
     is_out_of_core,
     iter_row_chunks,
     limit_threads,
@@ -320,19 +321,21 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return chunk_rows(self._work_per_row(), self.chunk_size)
 
     def _n_threads(self, n_rows):
-        """CPU threads for work on ``n_rows`` rows: one for small work.
+        """CPU threads for work on ``n_rows`` rows.
 
-        Small work pays more for the thread pool's synchronisation than it
-        gains, and on a shared CPU (another busy process) spinning threads
-        that wait for a descheduled sibling collapse. Above
-        ``_parallel_work`` (rows times features) torch's own thread count
-        is used; it honours ``OMP_NUM_THREADS``, ``torch.set_num_threads``
-        and the limits joblib gives its workers.
+        Small work (below ``_parallel_work`` rows times features) uses one
+        thread: it pays more for the thread pool's synchronisation than it
+        gains. Larger work uses the CPUs that are idle right now, at most
+        torch's own thread count (which honours ``OMP_NUM_THREADS``,
+        ``torch.set_num_threads`` and the limits joblib gives its workers):
+        on a shared CPU, threads that wait for a descheduled sibling make a
+        fit several times slower than one thread.
         """
         n_features = getattr(self, "n_features_in_", 1)
         if n_rows * n_features < self._parallel_work:
             return 1
-        return None
+        available = torch.get_num_threads()
+        return 1 if available <= 1 else min(available, idle_cpus())
 
     def _threads(self, n_rows, device):
         """Context manager limiting torch's CPU threads for this call."""

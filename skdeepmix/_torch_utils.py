@@ -15,6 +15,7 @@ __all__ = [
     "init_layers_",
     "chunk_rows",
     "limit_threads",
+    "idle_cpus",
     "resolve_device",
     "resolve_dtype",
     "make_generator",
@@ -236,6 +237,49 @@ def chunk_rows(work_per_row, chunk_size=None, *, budget=MEMORY_BUDGET, min_rows=
     if chunk_size is not None:
         return int(chunk_size)
     return int(min(max(budget // max(int(work_per_row), 1), min_rows), max_rows))
+
+
+def _cpu_times(cpus):
+    """``{cpu: (idle, total)}`` jiffies from ``/proc/stat`` (Linux)."""
+    times = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            cpu = int(name[3:])
+            if cpu in cpus:
+                values = [int(v) for v in fields[:8]]
+                times[cpu] = (values[3] + values[4], sum(values))
+    return times
+
+
+def idle_cpus(interval=0.02):
+    """Number of this process's CPUs that are idle now (at least one).
+
+    Measured from ``/proc/stat`` over ``interval`` seconds (while this thread
+    sleeps), among the CPUs the process may run on. Where that is not
+    available, the number of usable CPUs.
+    """
+    import os
+    import time
+
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(os.cpu_count() or 1, 1)
+    try:
+        before = _cpu_times(cpus)
+        time.sleep(interval)
+        after = _cpu_times(cpus)
+    except (OSError, ValueError):  # pragma: no cover - no /proc
+        return max(len(cpus), 1)
+    idle = 0.0
+    for cpu, (idle_after, total_after) in after.items():
+        idle_before, total_before = before.get(cpu, (idle_after, total_after))
+        elapsed = total_after - total_before
+        idle += (idle_after - idle_before) / elapsed if elapsed > 0 else 1.0
+    return max(int(idle + 0.25), 1)
 
 
 class limit_threads:
