@@ -22,11 +22,25 @@ from skdeepmix._kmeans import kmeans
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 
 
+def _expected_failed_checks(estimator):
+    if estimator.n_components == 1:
+        return {}
+    return {
+        "check_sample_weight_equivalence_on_dense_data": (
+            "with several components the k-means initialisation draws from the "
+            "weighted rows and from the (shuffled) repeated rows differ, so EM may "
+            "reach another local optimum; with one component, or with the same "
+            "explicit init (tests/test_sample_weight.py), the fits are equal"
+        )
+    }
+
+
 @parametrize_with_checks(
     [
         GaussianMixture(),
         GaussianMixture(n_components=2, covariance_type="diag", dtype="float32"),
-    ]
+    ],
+    expected_failed_checks=_expected_failed_checks,
 )
 def test_sklearn_compatible(estimator, check):
     # Every check runs. scikit-learn itself skips check_array_api_input unless
