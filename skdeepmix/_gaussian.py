@@ -584,7 +584,8 @@ def weighted_data_moments(batches, covariance_type, partition=None):
     ----------
     batches : callable
         ``batches()`` returns an iterable of ``(X, sample_weight, X_var)``
-        tensors of shapes (n, d), (n,) or None, (n, d) or None; called twice.
+        tensors of shapes (n, d), (n,) or None, (n, d) or None (at least
+        one, possibly empty, batch); called twice.
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
         'full'/'tied' return the (d, d) covariance, 'diag' the (d,)
         variances, 'spherical' their mean (a 0-d tensor).
@@ -598,15 +599,16 @@ def weighted_data_moments(batches, covariance_type, partition=None):
     weight_sum : float
         ``sum(w)`` (the number of rows without weights).
     """
-    total, first = None, None
-    for X, weight, _ in batches():
-        w = X.new_ones(X.shape[0]) if weight is None else weight
-        total = w.sum() if total is None else total + w.sum()
-        first = w @ X if first is None else first + w @ X
-    weight_sum = float(partition.sum(total)) if partition is not None else float(total)
+    sums = None  # [sum w x, sum w], in float64 where the device has it (data far
+    for X, weight, _ in batches():  # from the origin would lose the mean in float32)
+        wide = X.to(_sum_dtype(X))
+        w = wide.new_ones(X.shape[0]) if weight is None else weight.to(wide.dtype)
+        part = torch.cat([w @ wide, w.sum().reshape(1)])
+        sums = part if sums is None else sums + part
     if partition is not None:
-        partition.sum(first)
-    mean = first / weight_sum
+        partition.sum(sums)
+    weight_sum = float(sums[-1])
+    mean = (sums[:-1] / weight_sum).to(X.dtype)
     second = variance = None
     for X, weight, X_var in batches():
         w = X.new_ones(X.shape[0]) if weight is None else weight

@@ -244,9 +244,7 @@ default='dirichlet_process'
                 "needs the sum of sample_weight (frequencies) above 1, but got "
                 f"{total:.5g}. Scale sample_weight or set covariance_prior."
             )
-        covariance = float(covariance) if self.covariance_type == "spherical" \
-            else to_numpy(covariance)
-        return to_numpy(mean), covariance
+        return to_numpy(mean), to_numpy(covariance)[()]  # a numpy scalar for 'spherical'
 
     def _prior_tensors(self, like):
         """``mean_prior_`` and ``covariance_prior_`` as tensors like ``like``."""
