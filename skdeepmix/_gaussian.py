@@ -137,9 +137,9 @@ def covariances_from_cholesky(precisions_cholesky, covariance_type):
             dtype=precisions_cholesky.dtype,
             device=precisions_cholesky.device,
         ).expand_as(precisions_cholesky)
-        # cov = P^-T P^-1 with P upper triangular
+        # precision = P P^T, so cov = P^-T P^-1 (P upper triangular)
         inverse = torch.linalg.solve_triangular(precisions_cholesky, eye, upper=True)
-        return inverse @ inverse.transpose(-1, -2)
+        return inverse.transpose(-1, -2) @ inverse
     return precisions_cholesky.square().reciprocal()
 
 

@@ -207,7 +207,7 @@ default='dirichlet_process'
                                      ensure_2d=False)
             check_shape(mean_prior, (n_features,), "means")
         if mean_prior is None or covariance_prior is None:
-            data_mean, data_covariance = self._data_moments(X, ctx)
+            data_mean, data_covariance = self._data_moments(X, ctx, covariance_prior is None)
             mean_prior = data_mean if mean_prior is None else mean_prior
             covariance_prior = data_covariance if covariance_prior is None \
                 else covariance_prior
@@ -228,7 +228,7 @@ default='dirichlet_process'
             check_positive_definite(prior, covariance_type)
         return prior
 
-    def _data_moments(self, X, ctx):
+    def _data_moments(self, X, ctx, need_covariance):
         """(Weighted) mean and unbiased covariance of ``X``, over chunks."""
         weights = ctx.sample_weight
 
@@ -238,7 +238,7 @@ default='dirichlet_process'
 
         mean, covariance, total = G.weighted_data_moments(batches, self.covariance_type,
                                                           ctx.partition)
-        if total <= 1.0:
+        if need_covariance and total <= 1.0:
             raise ValueError(
                 "The default covariance_prior is the unbiased covariance of X, which "
                 "needs the sum of sample_weight (frequencies) above 1, but got "

@@ -86,7 +86,7 @@ EXCLUDED = {
             "_estimate_gaussian_parameters/_compute_precision_cholesky and the private "
             "methods GaussianMixture._set_parameters and ._initialize(X, resp); the "
             "same property through the public API (max_iter=0 with precisions_init) "
-            "is tests/test_bayesian_mixture.py::test_precisions_init_sets_the_cholesky_factors"
+            "is tests/test_gaussian_mixture.py::test_precisions_init_sets_the_cholesky_factors"
         ),
         "test_gaussian_mixture_all_init_does_not_estimate_gaussian_parameters": (
             _PRIVATE.format(
