@@ -1,7 +1,9 @@
 """skdeepmix.BayesianGaussianMixture against scikit-learn's, and its torch DP twin."""
 
+import importlib.util
 import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +290,20 @@ def test_given_priors_are_used(blobs):
     assert model.covariance_prior_ == 2.0 and model.degrees_of_freedom_prior_ == 5.0
     np.testing.assert_array_equal(model.mean_prior_, np.ones(3))
     assert model.weight_concentration_prior_ == 0.1 and model.mean_precision_prior_ == 0.5
+
+
+def test_benchmark_quick_run(tmp_path):
+    """benchmarks/bench_bayesian_mixture.py --quick runs and writes its tables."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bayesian_mixture.py"
+    spec = importlib.util.spec_from_file_location("bench_bayesian_mixture", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bayesian_mixture.md"
+    threads = torch.get_num_threads()
+    bench.main(["--quick", "--out", str(out)])
+    assert torch.get_num_threads() == threads
+    text = out.read_text()
+    assert "| metric | time | ratio | thread count | machine |" in text
+    assert "shared, busy machine" in text and "Lower bounds" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| full, float64")]
+    assert rows and float(rows[0][3]) < 1e-9  # relative difference of the lower bounds
