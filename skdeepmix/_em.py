@@ -4,9 +4,9 @@
 ``BaseMixture`` is to theirs: one implementation of everything but the
 M-step and the objective.
 
-* ``fit``, ``fit_predict`` and ``partial_fit`` with ``sample_weight``
-  (frequencies: integer weights give the model of repeated rows, zero weights
-  that of dropped rows);
+* ``fit`` and ``fit_predict`` with ``sample_weight`` (frequencies: integer
+  weights give the model of repeated rows, zero weights that of dropped rows;
+  ``GaussianMixture.partial_fit`` takes them too);
 * the initial responsibilities (``init_params``): k-means and k-means++ in
   torch (:mod:`skdeepmix._kmeans`, weighted), ``'random'`` and
   ``'random_from_data'``;
@@ -39,7 +39,6 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.utils._available_if import available_if
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _gaussian as G
@@ -153,30 +152,6 @@ class BaseEMMixture(BaseDeepMixture):
             Component labels.
         """
         return self._fit(X, y, sample_weight)
-
-    @available_if(BaseDeepMixture._has_partial_fit_step)
-    def partial_fit(self, X, y=None, sample_weight=None):
-        """Update the model with one mini-batch (stepwise EM).
-
-        The first call (on an unfitted estimator) initialises the model on the
-        batch; a fitted estimator continues from its fitted state. Under
-        torch.distributed each process passes its own batch.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            A mini-batch.
-        y : Ignored
-        sample_weight : array-like of shape (n_samples,), default=None
-            Weights of the batch's rows, as in :meth:`fit`.
-
-        Returns
-        -------
-        self : object
-            With ``n_steps_`` (number of updates made) incremented.
-        """
-        self._partial_fit(X, y, sample_weight)
-        return self
 
     # ------------------------------------------------------ model hooks
     @abstractmethod

@@ -235,6 +235,29 @@ class GaussianMixture(BaseEMMixture):
         return self._params["weights"]
 
     # ----------------------------------------------------- stepwise EM
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Update the model with one mini-batch (stepwise EM).
+
+        The first call (on an unfitted estimator) initialises the model on the
+        batch; a fitted estimator continues from its fitted state. Under
+        torch.distributed each process passes its own batch.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A mini-batch.
+        y : Ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights of the batch's rows, as in :meth:`fit`.
+
+        Returns
+        -------
+        self : object
+            With ``n_steps_`` (number of updates made) incremented.
+        """
+        self._partial_fit(X, y, sample_weight)
+        return self
+
     def _step_size(self, step):
         """``rho_t = (learning_offset + t) ** -learning_decay`` (``t >= 1``)."""
         return float((self.learning_offset + step) ** -self.learning_decay)
