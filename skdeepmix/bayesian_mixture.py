@@ -11,7 +11,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from . import _gaussian as G
 from ._docstrings import fill_doc
 from ._em import BaseEMMixture, check_positive, check_positive_definite, check_shape
-from ._torch_utils import to_numpy, to_tensor
+from ._torch_utils import RowSource, to_numpy, to_tensor
 
 __all__ = ["BayesianGaussianMixture"]
 
@@ -231,10 +231,11 @@ default='dirichlet_process'
     def _data_moments(self, X, ctx, need_covariance):
         """(Weighted) mean and unbiased covariance of ``X``, over chunks."""
         weights = ctx.sample_weight
+        source = RowSource(X, ctx.device, ctx.dtype) if self._streams(X) else X
 
         def batches():
             for rows in self._row_chunks(X.shape[0]):
-                yield ctx.tensor(X[rows]), None if weights is None else weights[rows], None
+                yield ctx.tensor(source[rows]), None if weights is None else weights[rows], None
 
         mean, covariance, total = G.weighted_data_moments(batches, self.covariance_type,
                                                           ctx.partition)
