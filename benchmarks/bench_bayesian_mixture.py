@@ -276,7 +276,9 @@ def _run(args):
             "Peak resident memory above the resident memory with the data loaded "
             "(after a warm-up fit on 1000 rows, so that lazy imports and the "
             "allocator's start do not count): it follows `chunk_size`, not the "
-            "number of rows.", "",
+            "number of rows. What grows with the rows is the k-means "
+            "initialisation's one label and one distance per row (12 bytes per row "
+            "in float32: 4.6 MiB at 400000 rows).", "",
             _table(memory), "",
         ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
