@@ -1,6 +1,7 @@
 """skdeepmix: scikit-learn compatible deep Gaussian-mixture estimators on PyTorch."""
 
 from ._base import BaseDeepMixture, TrainingDivergedError
+from .bayesian_mixture import BayesianGaussianMixture
 from .cpmm import CPMMEstimator
 from .dcgmm import DCGMMEstimator
 from .deep_gmm import DeepGMMEstimator
@@ -11,6 +12,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "GaussianMixture",
+    "BayesianGaussianMixture",
     "CPMMEstimator",
     "DCGMMEstimator",
     "DeepGMMEstimator",

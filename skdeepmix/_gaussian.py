@@ -35,6 +35,16 @@ __all__ = [
     "blend_moments",
     "moments_from_parameters",
     "parameters_from_moments",
+    "weighted_data_moments",
+    "WEIGHT_PRIOR_TYPES",
+    "weight_concentration_posterior",
+    "expected_log_weights",
+    "mixture_weights",
+    "normal_wishart_posterior",
+    "expected_log_gaussian_prob",
+    "log_wishart_norm",
+    "log_dirichlet_norm",
+    "variational_lower_bound",
     "mfa_log_prob",
     "mfa_sample",
     "mfa_covariances",
@@ -127,9 +137,9 @@ def covariances_from_cholesky(precisions_cholesky, covariance_type):
             dtype=precisions_cholesky.dtype,
             device=precisions_cholesky.device,
         ).expand_as(precisions_cholesky)
-        # cov = P^-T P^-1 with P upper triangular
+        # precision = P P^T, so cov = P^-T P^-1 (P upper triangular)
         inverse = torch.linalg.solve_triangular(precisions_cholesky, eye, upper=True)
-        return inverse @ inverse.transpose(-1, -2)
+        return inverse.transpose(-1, -2) @ inverse
     return precisions_cholesky.square().reciprocal()
 
 
@@ -277,22 +287,39 @@ def normalize_log_prob(weighted_log_prob):
     return (total.log_() + peak).squeeze(1), resp
 
 
+def _sum_dtype(tensor):
+    """dtype of accumulated scalar sums: float64 where the device has it."""
+    return torch.float32 if tensor.device.type == "mps" else torch.float64
+
+
 class SufficientStatistics:
-    """Chunk-wise accumulator of a mixture's EM sufficient statistics.
+    """Chunk-wise accumulator of a mixture's (weighted) EM sufficient statistics.
 
     Sums are kept relative to reference points so that no large cancelling
     terms appear: first moments around ``center`` (a point near the data, e.g.
     the current mixture mean) and, for 'full', second moments around the
     per-component ``reference_means`` (the current means). What cancellation
     remains is measured by :meth:`mixture_parameters`; when it lost too many
-    digits (:meth:`needs_exact_pass`) the caller redoes the second moments
-    exactly centred on the new means (:meth:`add_exact`).
+    digits (:meth:`needs_exact_pass`) the second moments are redone exactly
+    centred on the new means (:meth:`add_exact`). :meth:`accumulate` runs
+    both passes.
+
+    Rows may carry weights (``sample_weight``: a row of weight 2 counts as
+    two copies of it) and variances (``X_var``: the row is the Gaussian
+    ``N(x, diag(X_var))``, e.g. a VAE posterior, whose second moments
+    include ``X_var``).
 
     Parameters
     ----------
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     reference_means : Tensor of shape (n_components, n_features)
     center : Tensor of shape (n_features,)
+
+    Attributes
+    ----------
+    weight_sum, log_prob_sum, resp_log_resp_sum : 0-d Tensor
+        ``sum_i w_i``, ``sum_i w_i log p(x_i)`` and
+        ``sum_i w_i sum_k r_ik log r_ik`` (float64 where the device has it).
     """
 
     def __init__(self, covariance_type, reference_means, center):
@@ -301,16 +328,47 @@ class SufficientStatistics:
         self.covariance_type = covariance_type
         self.center = center
         self.reference = reference_means - center
-        self.sum_log_prob = 0.0
         self.resp_sum = zeros(n_components)
         self.first = zeros(n_components, n_features)
         self.second = zeros(*_second_moment_shape(covariance_type, n_components, n_features))
+        scalar = dict(dtype=_sum_dtype(center), device=center.device)
+        self.weight_sum = torch.zeros((), **scalar)
+        self.log_prob_sum = torch.zeros((), **scalar)
+        self.resp_log_resp_sum = torch.zeros((), **scalar)
+        self._exact = False
 
-    def add(self, X, resp, log_prob_norm=None):
-        """Add rows ``X`` (n, d) with responsibilities ``resp`` (n, K)."""
+    def add(self, X, resp, *, sample_weight=None, X_var=None, log_prob_norm=None,
+            log_resp=None):
+        """Add rows ``X`` (n, d) with responsibilities ``resp`` (n, K).
+
+        Parameters
+        ----------
+        X : Tensor of shape (n, d)
+        resp : Tensor of shape (n, K)
+            Rows sum to one.
+        sample_weight : Tensor of shape (n,), optional
+        X_var : Tensor of shape (n, d), optional
+            Per-row variances.
+        log_prob_norm : Tensor of shape (n,), optional
+            ``log p(x_i)``, summed (weighted) into ``log_prob_sum``.
+        log_resp : Tensor of shape (n, K), optional
+            ``log r_ik``, for ``resp_log_resp_sum`` (the entropy term of a
+            variational bound).
+        """
         Xc = X - self.center
-        if log_prob_norm is not None:
-            self.sum_log_prob += float(log_prob_norm.sum())
+        scalar = self.weight_sum.dtype
+        if sample_weight is None:
+            self.weight_sum += X.shape[0]
+            if log_prob_norm is not None:
+                self.log_prob_sum += log_prob_norm.sum().to(scalar)
+        else:
+            resp = resp * sample_weight[:, None]
+            self.weight_sum += sample_weight.sum().to(scalar)
+            if log_prob_norm is not None:
+                self.log_prob_sum += (sample_weight @ log_prob_norm).to(scalar)
+        if log_resp is not None:
+            floor = torch.finfo(log_resp.dtype).min  # 0 * -inf must count as 0
+            self.resp_log_resp_sum += (resp * log_resp.clamp_min(floor)).sum().to(scalar)
         self.resp_sum += resp.sum(0)
         self.first += resp.T @ Xc
         if self.covariance_type == "full":
@@ -319,12 +377,16 @@ class SufficientStatistics:
                 centred = Xc - self.reference[k]
                 self.second[k].addmm_((centred * resp[:, k : k + 1]).T, centred)
         elif self.covariance_type == "tied":
-            self.second += Xc.T @ Xc
+            self.second.addmm_((Xc * resp.sum(1, keepdim=True)).T, Xc)
         else:
             self.second += resp.T @ Xc.square()
+        self._add_variances(resp, X_var)
 
-    def add_exact(self, X, resp, means):
-        """Add second moments of rows ``X`` exactly centred on ``means``."""
+    def add_exact(self, X, resp, means, *, sample_weight=None, X_var=None):
+        """Add second moments of rows ``X`` exactly centred on ``means``
+        (the arguments as in :meth:`add`)."""
+        if sample_weight is not None:
+            resp = resp * sample_weight[:, None]
         for k in range(resp.shape[1]):
             centred = X - means[k]
             weighted = centred * resp[:, k : k + 1]
@@ -334,7 +396,18 @@ class SufficientStatistics:
                 self.second.addmm_(weighted.T, centred)
             else:
                 self.second[k] += (weighted * centred).sum(0)
-        self._exact = True
+        self._add_variances(resp, X_var)
+
+    def _add_variances(self, resp, X_var):
+        """Second moments of the rows' own Gaussians: ``diag(sum_i r_ik X_var_i)``."""
+        if X_var is None:
+            return
+        if self.covariance_type == "full":
+            torch.diagonal(self.second, dim1=1, dim2=2).add_(resp.T @ X_var)
+        elif self.covariance_type == "tied":
+            torch.diagonal(self.second).add_(resp.sum(1) @ X_var)
+        else:
+            self.second += resp.T @ X_var
 
     def reduce(self, partition, second_only=False):
         """Sum the statistics over the processes of a distributed fit
@@ -344,13 +417,43 @@ class SufficientStatistics:
         if second_only:
             partition.sum(self.second)
         else:
-            partition.sum(self.resp_sum, self.first, self.second)
-            self.sum_log_prob = partition.sum_scalar(self.sum_log_prob)
+            partition.sum(self.resp_sum, self.first, self.second, self.weight_sum,
+                          self.log_prob_sum, self.resp_log_resp_sum)
         return self
 
-    def reset_second_moments(self):
-        """Forget the second moments (before an exact pass)."""
-        self.second.zero_()
+    def accumulate(self, batches, reg_covar, partition=None):
+        """Both passes over the rows: the statistics, then (only when the
+        centred sums lost too many digits) exactly centred second moments.
+
+        Parameters
+        ----------
+        batches : callable
+            ``batches(exact)`` returns an iterable of dicts of keyword
+            arguments: for :meth:`add` (``exact=False``: ``X``, ``resp`` and
+            optionally ``sample_weight``, ``X_var``, ``log_prob_norm``,
+            ``log_resp``), then for :meth:`add_exact` (``exact=True``: ``X``,
+            ``resp``, optionally ``sample_weight``, ``X_var``).
+        reg_covar : float
+        partition : RowPartition, optional
+            The statistics are summed over its processes.
+
+        Returns
+        -------
+        nk, means, covariances : Tensor
+            As :meth:`mixture_parameters`.
+        """
+        for batch in batches(False):
+            self.add(**batch)
+        self.reduce(partition)
+        nk, means, covariances, loss = self.mixture_parameters(reg_covar)
+        if self.needs_exact_pass(loss):
+            self.second.zero_()
+            self._exact = True  # also on a process without rows
+            for batch in batches(True):
+                self.add_exact(means=means, **batch)
+            self.reduce(partition, second_only=True)
+            nk, means, covariances, _ = self.mixture_parameters(reg_covar)
+        return nk, means, covariances
 
     def mixture_parameters(self, reg_covar):
         """Component sizes, means and covariances, as scikit-learn computes them.
@@ -362,7 +465,7 @@ class SufficientStatistics:
         Returns
         -------
         nk : Tensor of shape (K,)
-            ``Σ_i resp_ik + 10 eps`` (scikit-learn's convention).
+            ``Σ_i w_i resp_ik + 10 eps`` (scikit-learn's convention).
         means : Tensor of shape (K, d)
         covariances : Tensor
             Shape given by :func:`covariance_shape`, ``reg_covar`` added.
@@ -374,7 +477,7 @@ class SufficientStatistics:
         nk = self.resp_sum + 10 * eps
         means_c = self.first / nk[:, None]
         n_features = means_c.shape[1]
-        exact = getattr(self, "_exact", False)
+        exact = self._exact
         if self.covariance_type == "full":
             raw = self.second / nk[:, None, None]
             delta = means_c - self.reference
@@ -403,9 +506,7 @@ class SufficientStatistics:
     def needs_exact_pass(self, loss_of_precision):
         """Whether the cancellation lost more than half the digits."""
         eps = torch.finfo(self.first.dtype).eps
-        return not getattr(self, "_exact", False) and not (
-            loss_of_precision < 1.0 / math.sqrt(eps)
-        )
+        return not self._exact and not (loss_of_precision < 1.0 / math.sqrt(eps))
 
 
 def _outer(delta):
@@ -468,6 +569,268 @@ def _second_moment_shape(covariance_type, n_components, n_features):
     if covariance_type == "tied":
         return (n_features, n_features)
     return (n_components, n_features)
+
+
+def weighted_data_moments(batches, covariance_type, partition=None):
+    """Mean and unbiased covariance of (weighted) rows, in two exact passes.
+
+    The defaults of a Bayesian mixture's data-dependent priors, as
+    scikit-learn computes them (``X.mean(0)`` and ``np.cov(X.T)``, ddof=1),
+    with ``sample_weight`` as frequencies (a weight of 2 counts the row
+    twice, so the unbiased denominator is ``sum(w) - 1``) and per-row
+    variances added (the covariance of the mixture of the rows' Gaussians).
+
+    Parameters
+    ----------
+    batches : callable
+        ``batches()`` returns an iterable of ``(X, sample_weight, X_var)``
+        tensors of shapes (n, d), (n,) or None, (n, d) or None (at least
+        one, possibly empty, batch); called twice.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+        'full'/'tied' return the (d, d) covariance, 'diag' the (d,)
+        variances, 'spherical' their mean (a 0-d tensor).
+    partition : RowPartition, optional
+        Sums are taken over its processes.
+
+    Returns
+    -------
+    mean : Tensor of shape (d,)
+    covariance : Tensor
+    weight_sum : float
+        ``sum(w)`` (the number of rows without weights).
+    """
+    sums = None  # [sum w x, sum w], in float64 where the device has it (data far
+    for X, weight, _ in batches():  # from the origin would lose the mean in float32)
+        wide = X.to(_sum_dtype(X))
+        w = wide.new_ones(X.shape[0]) if weight is None else weight.to(wide.dtype)
+        part = torch.cat([w @ wide, w.sum().reshape(1)])
+        sums = part if sums is None else sums + part
+    if partition is not None:
+        partition.sum(sums)
+    weight_sum = float(sums[-1])
+    mean = (sums[:-1] / weight_sum).to(X.dtype)
+    second = variance = None
+    for X, weight, X_var in batches():
+        w = X.new_ones(X.shape[0]) if weight is None else weight
+        centred = X - mean
+        part = (centred * w[:, None]).T @ centred if covariance_type in ("full", "tied") \
+            else w @ centred.square()
+        second = part if second is None else second + part
+        if X_var is not None:
+            part = w @ X_var
+            variance = part if variance is None else variance + part
+    if partition is not None:
+        partition.sum(second)
+        if variance is not None:
+            partition.sum(variance)
+    second = second / max(weight_sum - 1.0, torch.finfo(second.dtype).tiny)
+    if variance is not None:
+        variance = variance / weight_sum
+        if second.dim() == 2:
+            second = second + torch.diag(variance)
+        else:
+            second = second + variance
+    if covariance_type == "spherical":
+        second = second.mean()
+    return mean, second, weight_sum
+
+
+# ============================================================================
+# Variational Bayesian Gaussian mixtures: Dirichlet (or stick-breaking
+# Dirichlet-process) weights and Normal-Wishart components, the model and
+# coordinate-ascent updates of scikit-learn's BayesianGaussianMixture
+# (Bishop 2006 §10.2; Blei & Jordan 2006). Shared by BayesianGaussianMixture
+# and the DP prior of GMVAEDPGMM (skdeepmix.nn.dpgmm).
+# ============================================================================
+WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
+
+
+def weight_concentration_posterior(nk, weight_concentration_prior, prior_type):
+    """Posterior concentration of the mixture weights.
+
+    Parameters
+    ----------
+    nk : Tensor of shape (K,)
+        Expected component counts.
+    weight_concentration_prior : float
+    prior_type : {'dirichlet_process', 'dirichlet_distribution'}
+
+    Returns
+    -------
+    weight_concentration : Tensor
+        Shape (2, K) for the Dirichlet process (the Beta parameters of the
+        stick-breaking fractions), (K,) for the Dirichlet distribution.
+    """
+    if prior_type == "dirichlet_process":
+        after = nk.flip(0).cumsum(0).flip(0)[1:]  # sum_{j > k} nk_j
+        return torch.stack([1.0 + nk, weight_concentration_prior + torch.cat(
+            [after, nk.new_zeros(1)])])
+    return weight_concentration_prior + nk
+
+
+def expected_log_weights(weight_concentration, prior_type):
+    """``E_q[log pi_k]``, shape (K,)."""
+    if prior_type == "dirichlet_process":
+        a, b = weight_concentration
+        digamma_sum = torch.digamma(a + b)
+        log_rest = torch.digamma(b) - digamma_sum
+        before = torch.cat([log_rest.new_zeros(1), log_rest.cumsum(0)[:-1]])
+        return torch.digamma(a) - digamma_sum + before
+    return torch.digamma(weight_concentration) - torch.digamma(weight_concentration.sum())
+
+
+def mixture_weights(weight_concentration, prior_type):
+    """Posterior-mean mixture weights (scikit-learn's ``weights_``), shape (K,)."""
+    if prior_type == "dirichlet_process":
+        a, b = weight_concentration
+        total = a + b
+        rest = torch.cat([a.new_ones(1), torch.cumprod(b / total, 0)[:-1]])
+        weights = a / total * rest
+        return weights / weights.sum()
+    return weight_concentration / weight_concentration.sum()
+
+
+def normal_wishart_posterior(nk, xk, sk, mean_prior, mean_precision_prior,
+                             degrees_of_freedom_prior, covariance_prior, covariance_type):
+    """Normal-Wishart posterior of the components from their statistics.
+
+    Parameters
+    ----------
+    nk : Tensor of shape (K,)
+    xk : Tensor of shape (K, d)
+        Component means of the data.
+    sk : Tensor
+        Component covariances of the data (``reg_covar`` included), shape
+        of :func:`covariance_shape`.
+    mean_prior : Tensor of shape (d,)
+    mean_precision_prior : float
+    degrees_of_freedom_prior : float
+    covariance_prior : Tensor of shape (d, d), (d,) or ()
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    mean_precision : Tensor of shape (K,)
+    means : Tensor of shape (K, d)
+    degrees_of_freedom : Tensor of shape (K,), or () for 'tied'
+    covariances : Tensor
+        ``W_k^-1 / nu_k`` (scikit-learn's normalised convention), shape of
+        :func:`covariance_shape`.
+    """
+    n_components = nk.shape[0]
+    mean_precision = mean_precision_prior + nk
+    means = (mean_precision_prior * mean_prior + nk[:, None] * xk) / mean_precision[:, None]
+    diff = xk - mean_prior
+    if covariance_type == "tied":
+        dof = degrees_of_freedom_prior + nk.sum() / n_components
+        spread = ((nk / mean_precision)[:, None] * diff).T @ diff
+        cov = covariance_prior + sk * nk.sum() / n_components \
+            + mean_precision_prior / n_components * spread
+        return mean_precision, means, dof, cov / dof
+    dof = degrees_of_freedom_prior + nk
+    shrink = mean_precision_prior / mean_precision
+    if covariance_type == "full":
+        spread = (nk * shrink)[:, None, None] * (diff[:, :, None] * diff[:, None, :])
+        cov = covariance_prior + nk[:, None, None] * sk + spread
+        return mean_precision, means, dof, cov / dof[:, None, None]
+    if covariance_type == "diag":
+        cov = covariance_prior + nk[:, None] * (sk + shrink[:, None] * diff.square())
+        return mean_precision, means, dof, cov / dof[:, None]
+    cov = covariance_prior + nk * (sk + shrink * diff.square().mean(1))
+    return mean_precision, means, dof, cov / dof
+
+
+def _sum_over_dimensions(function, degrees_of_freedom, n_features):
+    """``sum_{i<d} function((nu - i) / 2)`` per component."""
+    steps = torch.arange(n_features, dtype=degrees_of_freedom.dtype,
+                         device=degrees_of_freedom.device)
+    return function(0.5 * (degrees_of_freedom[..., None] - steps)).sum(-1)
+
+
+def expected_log_gaussian_prob(X, means, precisions_cholesky, degrees_of_freedom,
+                               mean_precision, covariance_type, center=None, X_var=None):
+    """``E_q[log N(x | mu_k, Lambda_k^-1)]`` under the Normal-Wishart posterior.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n_samples, n_features)
+    means, precisions_cholesky, degrees_of_freedom, mean_precision : Tensor
+        The posterior (see :func:`normal_wishart_posterior`; the precision
+        Cholesky factors are those of its normalised covariances).
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    center, X_var : Tensor, optional
+        As in :func:`log_gaussian_prob` (``X_var`` averages the result
+        over ``N(x, diag(X_var))``).
+
+    Returns
+    -------
+    log_prob : Tensor of shape (n_samples, n_components)
+    """
+    n_features = X.shape[1]
+    # the normalised precision nu W gives the Mahalanobis term; its log-det
+    # counts d log(nu) that log|W| does not have
+    log_gauss = log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center, X_var)
+    log_gauss = log_gauss - 0.5 * n_features * degrees_of_freedom.log()
+    log_lambda = n_features * math.log(2.0) + _sum_over_dimensions(
+        torch.digamma, degrees_of_freedom, n_features
+    )
+    return log_gauss + 0.5 * (log_lambda - n_features / mean_precision)
+
+
+def log_wishart_norm(degrees_of_freedom, log_det_precisions_chol, n_features):
+    """Log normaliser of the Wishart distributions (without the ``log pi`` term)."""
+    return -(
+        degrees_of_freedom * log_det_precisions_chol
+        + degrees_of_freedom * n_features * 0.5 * math.log(2.0)
+        + _sum_over_dimensions(torch.lgamma, degrees_of_freedom, n_features)
+    )
+
+
+def log_dirichlet_norm(concentration):
+    """Log normaliser of a Dirichlet distribution."""
+    return torch.lgamma(concentration.sum()) - torch.lgamma(concentration).sum()
+
+
+def variational_lower_bound(resp_log_resp_sum, weight_concentration, prior_type,
+                            degrees_of_freedom, mean_precision, precisions_cholesky,
+                            covariance_type, n_features):
+    """scikit-learn's variational lower bound (constant terms dropped).
+
+    The component-sized terms are evaluated in float64 on the CPU, so that a
+    float32 fit's bound is as smooth as a float64 one (its convergence test
+    compares changes of about ``tol``).
+
+    Parameters
+    ----------
+    resp_log_resp_sum : float or 0-d Tensor
+        ``sum_i w_i sum_k r_ik log r_ik`` of the E-step.
+    weight_concentration : Tensor of shape (2, K) or (K,)
+    prior_type : {'dirichlet_process', 'dirichlet_distribution'}
+    degrees_of_freedom, mean_precision, precisions_cholesky : Tensor
+        The posterior after the M-step.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    n_features : int
+
+    Returns
+    -------
+    lower_bound : float
+    """
+    wide = lambda t: t.detach().to(device="cpu", dtype=torch.float64)  # noqa: E731
+    dof, mean_precision = wide(degrees_of_freedom), wide(mean_precision)
+    concentration = wide(weight_concentration)
+    log_det = log_det_cholesky(wide(precisions_cholesky), covariance_type, n_features)
+    log_det = log_det - 0.5 * n_features * dof.log()
+    log_wishart = log_wishart_norm(dof, log_det, n_features)
+    log_wishart = mean_precision.shape[0] * log_wishart if covariance_type == "tied" \
+        else log_wishart.sum()
+    if prior_type == "dirichlet_process":
+        a, b = concentration
+        log_norm_weight = -(torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)).sum()
+    else:
+        log_norm_weight = log_dirichlet_norm(concentration)
+    bound = (-float(resp_log_resp_sum) - log_wishart - log_norm_weight
+             - 0.5 * n_features * mean_precision.log().sum())
+    return float(bound)
 
 
 # ============================================================================

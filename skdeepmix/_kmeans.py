@@ -7,10 +7,17 @@ Used to initialise the mixtures on the same device as the data, seeded by a
 (:class:`~skdeepmix._distributed.RowPartition`) each process holds a shard of
 the rows and the result equals the single-process one on all the rows: the
 random draws use global row indices from the shared generator, the owner of a
-drawn row sends it to the others, and sums are all-reduced. Memory is bounded by the chunk size (plus one float
-and one label per sample). Distances are computed on data shifted by its mean,
-so that ``|x|² - 2 x·c + |c|²`` does not cancel catastrophically in float32
-for data far from the origin.
+drawn row sends it to the others, and sums are all-reduced. Memory is
+bounded by the chunk size (plus one float and one label per sample).
+Distances are computed on data shifted by its mean, so that
+``|x|² - 2 x·c + |c|²`` does not cancel catastrophically in float32 for data
+far from the origin.
+
+``sample_weight`` (frequencies, as in scikit-learn's ``KMeans``): k-means++
+draws its first center with probability proportional to the weight and the
+next candidates proportional to ``weight · D²``; Lloyd's centers are weighted
+means. A row of weight 0 is never chosen; integer weights act as repeated
+rows.
 """
 
 from __future__ import annotations
@@ -41,12 +48,18 @@ def _sample_proportional(weights_cumsum, n_draws, generator):
     return index.clamp_(max=weights_cumsum.numel() - 1)
 
 
-def _data_mean(X, chunk_size, partition=None):
+def _data_mean(X, chunk_size, partition=None, sample_weight=None):
     partition = _single(X, partition)
     total = torch.zeros(X.shape[1], dtype=X.dtype, device=X.device)
+    if sample_weight is None:
+        for rows in iter_row_chunks(X.shape[0], chunk_size):
+            total += X[rows].sum(0)
+        return partition.sum(total) / partition.n_total
+    weight = sample_weight.sum().reshape(1)
     for rows in iter_row_chunks(X.shape[0], chunk_size):
-        total += X[rows].sum(0)
-    return partition.sum(total) / partition.n_total
+        total += sample_weight[rows] @ X[rows]
+    partition.sum(total, weight)
+    return total / weight
 
 
 class _Single(RowPartition):
@@ -62,7 +75,8 @@ def _single(X, partition):
     return partition if partition is not None else RowPartition.__new__(_Single).setup(X.shape[0])
 
 
-def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536, *, partition=None):
+def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536, *, partition=None,
+                    sample_weight=None):
     """Greedy k-means++ seeding (Arthur & Vassilvitskii, with local trials).
 
     Parameters
@@ -73,6 +87,8 @@ def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536, *, partition=Non
     chunk_size : int, default=65536
     partition : RowPartition, optional
         This process's share of the rows (distributed fit).
+    sample_weight : Tensor of shape (n_samples,), optional
+        Non-negative weights of this process's rows (see the module docstring).
 
     Returns
     -------
@@ -84,28 +100,23 @@ def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536, *, partition=Non
     n_local, n_samples = X.shape[0], partition.n_total
     shift = _data_mean(X, chunk_size, partition)
     n_trials = 2 + int(math.log(n_clusters))
-    first = int(torch.randint(n_samples, (1,), generator=generator, device=X.device))
+    if sample_weight is None:
+        first = int(torch.randint(n_samples, (1,), generator=generator, device=X.device))
+    else:
+        first = int(_draw_proportional(sample_weight, 1, generator, partition)[0])
     indices = [first]
     closest = _min_sq_dist_to(X, partition.rows(X, [first]), chunk_size, shift)
     for _ in range(1, n_clusters):
-        cumsum = torch.cumsum(closest, 0)
-        if partition.sum_scalar(float(cumsum[-1])) <= 0:  # fewer distinct points than clusters
-            candidates = torch.randint(
-                n_samples, (n_trials,), generator=generator, device=X.device
-            )
-        elif partition.active:
-            u = torch.rand(n_trials, generator=generator, device=X.device, dtype=X.dtype)
-            total = partition.sum_scalar(float(cumsum[-1]))
-            candidates = searchsorted_global(partition, cumsum, u.double() * total)
-        else:
-            candidates = _sample_proportional(cumsum, n_trials, generator)
+        potential = closest if sample_weight is None else closest * sample_weight
+        candidates = _draw_proportional(potential, n_trials, generator, partition)
         potentials = torch.zeros(n_trials, dtype=X.dtype, device=X.device)
         cand = partition.rows(X, candidates)
         cand_shifted = cand - shift
         cand_sq = cand_shifted.square().sum(1)
         for rows in iter_row_chunks(n_local, chunk_size):
-            d2 = _squared_distances(X[rows] - shift, cand_shifted, cand_sq)
-            potentials += torch.minimum(d2, closest[rows, None]).sum(0)
+            d2 = torch.minimum(_squared_distances(X[rows] - shift, cand_shifted, cand_sq),
+                               closest[rows, None])
+            potentials += d2.sum(0) if sample_weight is None else sample_weight[rows] @ d2
         partition.sum(potentials)
         best = int(torch.argmin(potentials))
         indices.append(int(candidates[best]))
@@ -114,6 +125,20 @@ def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536, *, partition=Non
         )
     indices = torch.tensor(indices, device=X.device)
     return partition.rows(X, indices).clone(), indices
+
+
+def _draw_proportional(values, n_draws, generator, partition):
+    """Global row indices drawn with probability proportional to ``values``
+    (this process's rows); uniformly when they are all zero."""
+    cumsum = torch.cumsum(values, 0)
+    total = partition.sum_scalar(float(cumsum[-1]) if cumsum.numel() else 0.0)
+    if total <= 0:  # fewer distinct (or weighted) points than clusters
+        return torch.randint(partition.n_total, (n_draws,), generator=generator,
+                             device=values.device)
+    if partition.active:
+        u = torch.rand(n_draws, generator=generator, device=values.device, dtype=values.dtype)
+        return searchsorted_global(partition, cumsum, u.double() * total)
+    return _sample_proportional(cumsum, n_draws, generator)
 
 
 def _min_sq_dist_to(X, centers, chunk_size, shift):
@@ -138,7 +163,8 @@ def assign_labels(X, centers, chunk_size=65536, shift=None):
 
 
 def kmeans(
-    X, n_clusters, generator, *, max_iter=300, tol=1e-4, chunk_size=65536, partition=None
+    X, n_clusters, generator, *, max_iter=300, tol=1e-4, chunk_size=65536, partition=None,
+    sample_weight=None,
 ):
     """Lloyd's k-means from a k-means++ seeding (one initialisation).
 
@@ -154,6 +180,8 @@ def kmeans(
     chunk_size : int, default=65536
     partition : RowPartition, optional
         This process's share of the rows (distributed fit).
+    sample_weight : Tensor of shape (n_samples,), optional
+        Non-negative weights of this process's rows (see the module docstring).
 
     Returns
     -------
@@ -163,13 +191,19 @@ def kmeans(
     """
     partition = _single(X, partition)
     n_samples, n_features = X.shape
-    centers, _ = kmeans_plusplus(X, n_clusters, generator, chunk_size, partition=partition)
-    mean = _data_mean(X, chunk_size, partition)
-    variance = torch.zeros((), dtype=X.dtype, device=X.device)
+    weight = sample_weight
+    centers, _ = kmeans_plusplus(X, n_clusters, generator, chunk_size, partition=partition,
+                                 sample_weight=weight)
+    mean = _data_mean(X, chunk_size, partition, weight)
+    variance = torch.zeros(2, dtype=X.dtype, device=X.device)  # [sum w |x - mean|², sum w]
     for rows in iter_row_chunks(n_samples, chunk_size):
-        variance += (X[rows] - mean).square().sum()
+        squares = (X[rows] - mean).square().sum(1)
+        if weight is None:
+            variance += torch.stack([squares.sum(), squares.new_tensor(float(squares.numel()))])
+        else:
+            variance += torch.stack([weight[rows] @ squares, weight[rows].sum()])
     partition.sum(variance)
-    threshold = tol * float(variance) / (partition.n_total * n_features)
+    threshold = tol * float(variance[0]) / (float(variance[1]) * n_features)
     labels = None
     for _ in range(max_iter):
         new_labels, dist = assign_labels(X, centers, chunk_size, mean)
@@ -177,14 +211,17 @@ def kmeans(
         counts = torch.zeros(n_clusters, dtype=X.dtype, device=X.device)
         for rows in iter_row_chunks(n_samples, chunk_size):
             members = torch.nn.functional.one_hot(new_labels[rows], n_clusters).to(X.dtype)
+            if weight is not None:
+                members *= weight[rows, None]
             sums += members.T @ (X[rows] - mean)
             counts += members.sum(0)
         partition.sum(sums, counts)
-        new_centers = torch.where(
-            counts[:, None] > 0, sums / counts.clamp_min(1)[:, None] + mean, centers
-        )
+        safe = counts.clamp_min(torch.finfo(X.dtype).tiny)
+        new_centers = torch.where(counts[:, None] > 0, sums / safe[:, None] + mean, centers)
         empty = torch.nonzero(counts == 0).flatten()
-        if empty.numel():  # relocate empty clusters to the farthest points
+        if empty.numel():  # relocate empty clusters to the farthest (weighted) points
+            if weight is not None:
+                dist = torch.where(weight > 0, dist, -1.0)
             far = partition.topk(dist, empty.numel())
             new_centers[empty] = partition.rows(X, far)
         shift = float((new_centers - centers).square().sum())
