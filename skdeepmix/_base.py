@@ -533,7 +533,7 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             X, y, sample_weight = np.zeros((0, 0)), None, None
         partition = _distributed.RowPartition(X.shape[0], X.shape[1], error)
         continuing = self.warm_start and hasattr(self, "converged_")
-        if not continuing:
+        if not continuing or getattr(self, "_dtype", None) is None:
             self._dtype = self._fit_dtype(X)
         device = self._fit_device()
         with self._threads(partition.n_total, device), _distributed.gradient_sync(
