@@ -33,7 +33,7 @@ def supervised_model(digits):
     X, y = digits
     est = DCGMMEstimator(
         "F(3,1)-G(16)-F-G(25)", image_shape=(8, 8), max_iter=30,
-        classifier_layers=(-2, -1), sharpening_iterations=20, random_state=0, device="cpu",
+        classifier_layers=(-2, -1), sharpening_iter=20, random_state=0, device="cpu",
     )
     return est.fit(X[:1000], y[:1000])
 
@@ -128,14 +128,21 @@ def test_smoothed_loss_reduces_to_max_component_when_annealed():
 def test_plateau_annealing_rule():
     layer = ConvGMM(4)
     layer.build((1, 1, 2), anneal_window=2, anneal_factor=0.5, learning_rate=0.04,
-                learning_rate_min=0.01)
+                min_learning_rate=0.01)
     sigma0 = layer.sigma
-    for value in [0.0, 0.0, 10.0, 10.0, 20.0, 20.0]:  # steady improvement
-        layer._anneal(value)
+    for average in [0.0, 10.0, 20.0]:  # window averages: steady improvement
+        layer.plateau_update(average)
     assert layer.sigma == sigma0
-    for value in [20.1, 20.1]:  # plateau: < 5 % of the improvement so far
-        layer._anneal(value)
+    layer.plateau_update(20.1)  # plateau: < 5 % of the improvement so far
     assert layer.sigma == sigma0 * 0.5 and layer.learning_rate == 0.02
+    # the window: two steps of accumulated batch losses give one average
+    layer.window_loss_ += 30.0
+    layer.end_window_step()
+    assert layer.n_windows == 4
+    layer.window_loss_ += 30.0
+    layer.end_window_step(reduce=lambda total: total)
+    assert layer.n_windows == 5 and layer.last_average == 30.0
+    assert float(layer.window_loss_) == 0.0
     layer.set_annealing(1.0)  # the scheduled variant ends at the minima
     assert layer.sigma == pytest.approx(0.01) and layer.learning_rate == pytest.approx(0.01)
 
@@ -263,8 +270,8 @@ def test_sharpening_increases_target_layer_log_likelihood(digits):
     assert (after >= before - 1e-4).all()
     assert after.mean() > before.mean() + 0.5
     # through the estimator: same seed, with and without sharpening
-    plain, _ = est.sample(50, sharpening_iterations=0)
-    sharp, _ = est.sample(50, sharpening_iterations=100)
+    plain, _ = est.sample(50, sharpening_iter=0)
+    sharp, _ = est.sample(50, sharpening_iter=100)
     assert est.score_samples_layers(sharp)[:, 0].mean() > (
         est.score_samples_layers(plain)[:, 0].mean() + 0.5)
 
@@ -272,7 +279,7 @@ def test_sharpening_increases_target_layer_log_likelihood(digits):
 def test_sampling_is_seeded_and_shaped(digits):
     X, _ = digits
     est = DCGMMEstimator("F(4,2)-G(9)-F-G(9)", image_shape=(8, 8), max_iter=2,
-                         sharpening_iterations=5, random_state=3, device="cpu").fit(X[:200])
+                         sharpening_iter=5, random_state=3, device="cpu").fit(X[:200])
     a, za = est.sample(7)
     b, zb = est.sample(7)
     assert a.shape == (7, 64) and za.shape == (7,)
@@ -351,7 +358,7 @@ def test_string_labels(digits):
 @parametrize_with_checks(
     [DCGMMEstimator("F-G(3)-G(2)", max_iter=4, batch_size=20, annealing="plateau",
                     anneal_window=5, top_s=(2, 1),
-                    sharpening_iterations=3, random_state=0, device="cpu")]
+                    sharpening_iter=3, random_state=0, device="cpu")]
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)
