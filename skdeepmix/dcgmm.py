@@ -15,20 +15,21 @@ from . import _distributed
 from ._base import BaseDeepMixture
 from ._docstrings import fill_doc
 from ._torch_utils import build_module, make_generator, to_numpy, to_tensor
-from ._train import count_batches, smoothed_converged, train_epoch
+from ._train import count_batches, train_epoch
 from .nn.dcgmm import DCGMMNet, parse_layers
 
 __all__ = ["DCGMMEstimator"]
 
 
 @fill_doc(
-    tol=1e-3,
+    tol=1e-2,
     max_iter=20,
     iteration="epochs",
     tol_meaning=(
         "Training stops once the smoothing and learning-rate annealing is over and "
         "the top G layer's log-likelihood, averaged over 3 epochs, improves by less "
-        "than ``tol`` relative to its magnitude."
+        "than ``tol`` times its improvement since the first 3 epochs (see "
+        "``_converged``)."
     ),
 )
 class DCGMMEstimator(BaseDeepMixture):
@@ -248,7 +249,7 @@ class DCGMMEstimator(BaseDeepMixture):
         sharpening_iter=300,
         sharpening_rate=0.5,
         conditional="inverse",
-        tol=1e-3,
+        tol=1e-2,
         max_iter=20,
         n_init=1,
         random_state=None,
@@ -390,12 +391,22 @@ class DCGMMEstimator(BaseDeepMixture):
             metrics["classifier_loss"] = means[-1]
         return metrics
 
-    def _converged(self, objectives):
-        """Converged when the annealing is over and the 3-epoch mean of the
-        objective improves by less than ``tol`` (relative): before, the
-        objective rises because the smoothing shrinks, not because of
-        learning."""
-        return self.module_.annealing_done() and smoothed_converged(objectives, self.tol)
+    def _converged(self, objectives, window=3):
+        """Converged once the annealing is over and the last ``window`` epochs'
+        mean objective improved on the ``window`` before by less than ``tol``
+        times the improvement since the first ``window`` epochs (or fell).
+
+        Relative to the improvement, not to the objective's magnitude: a
+        log-likelihood's magnitude depends on the data's dimension and units
+        (it may be near 0), its improvement does not (the reference code's
+        plateau rule). Before the annealing is over the objective rises
+        because the smoothing shrinks, not because of learning.
+        """
+        if not self.module_.annealing_done() or len(objectives) < 2 * window:
+            return False
+        first, old, new = (sum(part) / window for part in (
+            objectives[:window], objectives[-2 * window:-window], objectives[-window:]))
+        return new - old < self.tol * max(new - first, 0.0)
 
     def _finalize_fit(self, X, ctx):
         net = self.module_

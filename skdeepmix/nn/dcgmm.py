@@ -43,7 +43,7 @@ import re
 import torch
 from torch import nn
 
-from .._gaussian import log_gaussian_prob
+from .._gaussian import LOG_2PI, log_gaussian_prob
 
 __all__ = [
     "Folding",
@@ -410,6 +410,11 @@ class ConvGMM(nn.Module):
     def max_log_likelihood(log_scores):
         """Max-component log-likelihood, mean over positions: (N, H, W, K) -> (N,)."""
         return log_scores.amax(dim=-1).mean(dim=(1, 2))
+
+    def log_density_bound(self):
+        """The largest log-density a position can have under the variance floor,
+        ``D/2 log(1 / (2 pi min_variance))`` (weights are at most 1)."""
+        return 0.5 * self.in_shape[2] * (math.log(self.max_precision) - LOG_2PI)
 
     def smoothed_loss(self, log_scores):
         """Training objective (higher is better), per sample, shape (N,).
@@ -1011,8 +1016,13 @@ class DCGMMNet(nn.Module):
     def training_losses(self, x, y=None):
         """Per-sample training losses of a mini-batch (lower is better).
 
-        The sum of every G layer's negative smoothed log-likelihood, each
-        computed on its *detached* input (so each layer's gradient is that of
+        The sum over the G layers of how far their smoothed log-likelihood
+        lies below the largest one the variance floor allows
+        (:meth:`ConvGMM.log_density_bound`; a constant, so the gradient is that
+        of the negative log-likelihood, but the loss is non-negative and its
+        size measures the fit, which the divergence check of the training
+        loop compares: a log-likelihood can sit near 0), each computed on its
+        *detached* input (so each layer's gradient is that of
         its own loss: no back-propagation between layers, as in the paper;
         layers still in their delay contribute values without gradients),
         plus the classifier's cross-entropy on the detached activities it
@@ -1041,7 +1051,7 @@ class DCGMMNet(nn.Module):
                 with torch.set_grad_enabled(active[g] and torch.is_grad_enabled()):
                     scores = layer.log_scores(x)
                     log_lik = layer.smoothed_loss(scores)  # (N,)
-                total = total - log_lik
+                total = total + (layer.log_density_bound() - log_lik)
                 if active[g] and self.annealing == "plateau":
                     layer.window_loss_ += log_lik.detach().mean()
                 sums.append(log_lik.detach().sum())
