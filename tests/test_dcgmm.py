@@ -2,12 +2,14 @@
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
 from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -214,6 +216,59 @@ def test_single_layer_equals_diagonal_gmm_max_component(digits):
     np.testing.assert_allclose(est.score_samples(Xt), comp.max(1), rtol=1e-10, atol=1e-8)
     np.testing.assert_allclose(est.score_samples_layers(Xt)[:, 0], comp.max(1), rtol=1e-10)
     np.testing.assert_array_equal(est.predict(Xt), comp.argmax(1))
+
+
+def test_one_epoch_is_the_reference_sgd_update(digits):
+    # one full batch: the optimizer's step must be the reference's plain
+    # gradient ascent with per-kind factors, followed by the precision clipping
+    X, _ = digits
+    X = X[:200].astype(np.float64)
+    kw = dict(layers="F-G(4)", batch_size=200, learning_rate=0.3, min_variance=0.5,
+              learning_rate_factors=(1.0, 0.5, 0.2), random_state=0, device="cpu")
+    start = DCGMMEstimator(max_iter=0, **kw).fit(X)
+    stepped = DCGMMEstimator(max_iter=1, **kw).fit(X)
+    layer = copy.deepcopy(start.module_.layers[1])
+    params = (layer.mu, layer.prec_sqrt, layer.weight_logits)
+    x = start.module_.layers[0](torch.as_tensor(X).reshape(-1, 8, 8, 1))
+    objective = layer.smoothed_loss(layer.log_scores(x)).mean()
+    grads = torch.autograd.grad(objective, params)
+    with torch.no_grad():
+        for p, g, f in zip(params, grads, (1.0, 0.5, 0.2)):
+            p += 0.3 * f * g
+        p_sqrt = layer.prec_sqrt.clamp(1e-3, math.sqrt(2.0))
+    new = stepped.module_.layers[1]
+    assert (new.prec_sqrt == math.sqrt(2.0)).any()  # the projection was active
+    torch.testing.assert_close(new.mu, layer.mu)
+    torch.testing.assert_close(new.prec_sqrt, p_sqrt)
+    torch.testing.assert_close(new.weight_logits, layer.weight_logits)
+
+
+def test_input_range_is_mapped_to_unit_interval(digits):
+    X, _ = digits
+    X = X[:300].astype(np.float64)
+    kw = dict(max_iter=3, random_state=0, device="cpu", sharpening_iter=0)
+    unit = DCGMMEstimator(**kw).fit(X)
+    raw = DCGMMEstimator(**kw).fit(255.0 * X - 3.0)  # same fit, other units
+    np.testing.assert_allclose(raw.score_samples(255.0 * X - 3.0),
+                               unit.score_samples(X) - 64 * math.log(255.0), rtol=1e-6)
+    np.testing.assert_allclose(raw.sample(5)[0], 255.0 * unit.sample(5)[0] - 3.0,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_n_components_fills_layers_without_one(digits):
+    X, _ = digits
+    est = DCGMMEstimator("F(4,2)-G-F-G(5)", n_components=7, image_shape=(8, 8), max_iter=1,
+                         device="cpu").fit(X[:100])
+    assert est.layers_ == "F(4,2)-G(7)-F-G(5)"
+    assert est.get_params()["layers"] == "F(4,2)-G-F-G(5)"  # the parameter is unchanged
+
+
+def test_default_fit_on_digits_converges(digits):
+    X, _ = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = DCGMMEstimator(random_state=0).fit(X)
+    assert est.converged_ and est.n_iter_ < est.max_iter
 
 
 def test_training_improves_every_layer(digits):
