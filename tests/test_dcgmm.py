@@ -127,6 +127,30 @@ def test_smoothed_loss_reduces_to_max_component_when_annealed():
     assert (wide.smoothing_ > 0.01).sum() > 9  # neighbours on the torus get weight
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("sigma0", [0.8, 0.01])  # smoothed, and the identity kernel
+def test_closed_form_gradient_equals_autograd(shared, sigma0):
+    layer = ConvGMM(6, shared=shared)
+    layer.build((3, 2, 4), dtype=torch.float64, sigma0=sigma0,
+                generator=torch.Generator().manual_seed(0))
+    assert layer.kernel_is_identity == (sigma0 == 0.01)
+    with torch.no_grad():
+        layer.prec_sqrt.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+        layer.weight_logits.normal_(generator=torch.Generator().manual_seed(2))
+    x = torch.rand(9, 3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    upstream = torch.rand(9, dtype=torch.float64) - 0.5
+    params = (layer.mu, layer.prec_sqrt, layer.weight_logits)
+    log_lik, scores = layer.training_log_likelihood(x)
+    expected_scores = layer.log_scores(x)
+    expected = layer.smoothed_loss(expected_scores)
+    torch.testing.assert_close(log_lik, expected)
+    torch.testing.assert_close(scores, expected_scores.detach())
+    got = torch.autograd.grad((log_lik * upstream).sum(), params)
+    want = torch.autograd.grad((expected * upstream).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_plateau_annealing_rule():
     layer = ConvGMM(4)
     layer.build((1, 1, 2), anneal_window=2, anneal_factor=0.5, learning_rate=0.04,

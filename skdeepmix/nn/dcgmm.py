@@ -282,6 +282,58 @@ def _diag_log_prob(x, means, prec_sqrt):
 _per_position_log_prob = torch.vmap(_diag_log_prob, in_dims=(1, 0, 0), out_dims=1)
 
 
+class _SmoothedMaxLogLikelihood(torch.autograd.Function):
+    """A G layer's smoothed max-component log-likelihood, mean over positions.
+
+    With ``r_m`` the smoothing-kernel row of the winning component of row
+    ``m`` (one position of one sample; one-hot without smoothing) and ``w_m``
+    the upstream gradient of its sample divided by the number of positions,
+    the gradients are, per position group (one for shared parameters):
+
+    * means: ``s^2 (A - c mu)``, with ``A = sum_m w_m r_m x_m^T``,
+      ``c = sum_m w_m r_m``;
+    * square-root precisions: ``c / s - s (B - 2 mu A + c mu^2)``, with
+      ``B = sum_m w_m r_m (x_m^2)^T``;
+    * weight logits: ``c - (sum_k c_k) softmax(logits)``.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, x, mu, prec_sqrt, logits):
+        scores = layer.log_scores(x)  # (N, H, W, K)
+        N, H, W, K = scores.shape
+        flat = scores.reshape(-1, K)
+        smoothed = flat if layer.kernel_is_identity else flat @ layer.smoothing_.T
+        value, index = smoothed.max(dim=1)
+        ctx.layer = layer
+        ctx.save_for_backward(x, index)
+        ctx.mark_non_differentiable(scores)
+        return value.reshape(N, H * W).mean(dim=1), scores
+
+    @staticmethod
+    def backward(ctx, grad_log_lik, grad_scores):
+        layer = ctx.layer
+        x, index = ctx.saved_tensors
+        N, H, W, D = x.shape
+        mu, s, logits = layer.mu, layer.prec_sqrt, layer.weight_logits
+        groups, K = logits.shape
+        # weight of every row (sample n, position p): dL/dlog_lik_n / positions
+        weight = (grad_log_lik / (H * W)).repeat_interleave(H * W)  # (M,)
+        if layer.kernel_is_identity:
+            r = weight.new_zeros(weight.shape[0], K).scatter_(1, index[:, None], weight[:, None])
+        else:
+            r = layer.smoothing_[index] * weight[:, None]  # (M, K)
+        # [groups, K, M/groups] @ [groups, M/groups, 2D]: A and B in one product
+        r = r.reshape(-1, groups, K).permute(1, 2, 0)
+        x = x.reshape(-1, groups, D).transpose(0, 1)
+        A, B = torch.matmul(r, torch.cat([x, x.square()], dim=-1)).split(D, dim=-1)
+        c = r.sum(dim=-1)  # (groups, K)
+        cc = c[..., None]
+        grad_mu = s.square() * (A - cc * mu)
+        grad_s = cc / s - s * (B - 2.0 * mu * A + cc * mu.square())
+        grad_logits = c - c.sum(dim=1, keepdim=True) * torch.softmax(logits, dim=1)
+        return None, None, grad_mu, grad_s, grad_logits
+
+
 class ConvGMM(nn.Module):
     """Convolutional GMM layer ``G(K)`` with diagonal precisions.
 
@@ -342,6 +394,7 @@ class ConvGMM(nn.Module):
         self.prec_sqrt = nn.Parameter(torch.empty(P, K, D, **factory))
         self.weight_logits = nn.Parameter(torch.empty(P, K, **factory))
         self.register_buffer("smoothing_", torch.empty(K, K, **factory), persistent=False)
+        self.register_buffer("grid_sq_dist_", torch.empty(K, K, **factory), persistent=False)
         self.mu_init = float(mu_init)
         self.max_precision = 1.0 / float(min_variance)
         # annealing state (python floats: part of the pickled / deep-copied module)
@@ -371,16 +424,23 @@ class ConvGMM(nn.Module):
         self.window_count, self.n_windows = 0, 0
         self.first_average = self.last_average = None
         self.register_buffer("window_loss_", self.mu.new_zeros(()), persistent=False)
+        self.grid_sq_dist_.copy_(
+            _toroidal_grid_sq_distances(self.n_components, self.grid_sq_dist_.device))
         self._update_kernel()
 
     def _update_kernel(self):
-        g = _toroidal_grid_sq_distances(self.n_components, self.smoothing_.device)
-        if self.sigma <= 0:
-            kernel = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        else:
-            kernel = torch.exp(-g / (2.0 * self.sigma**2))
-        kernel = kernel / kernel.sum(dim=1, keepdim=True)
-        self.smoothing_ = kernel.to(self.smoothing_.dtype)
+        """The normalised smoothing kernel of width ``sigma`` on the component grid.
+
+        Below a width of about 0.027 the kernel is the identity to float64
+        precision (the nearest neighbour's weight ``exp(-1 / (2 sigma^2))``
+        underflows), and the smoothing is skipped (``kernel_is_identity``).
+        """
+        self.kernel_is_identity = self.sigma <= 0 or 0.5 / self.sigma**2 > 700.0
+        if self.kernel_is_identity:
+            self.smoothing_.copy_(torch.eye(self.n_components))
+            return
+        kernel = torch.exp(self.grid_sq_dist_ * (-0.5 / self.sigma**2))
+        self.smoothing_.copy_(kernel / kernel.sum(dim=1, keepdim=True))
 
     @property
     def n_positions(self):
@@ -423,8 +483,25 @@ class ConvGMM(nn.Module):
         toroidal component grid before the max; equals
         :meth:`max_log_likelihood` once the kernel width is small.
         """
-        smoothed = log_scores @ self.smoothing_.T
+        smoothed = log_scores if self.kernel_is_identity else log_scores @ self.smoothing_.T
         return smoothed.amax(dim=-1).mean(dim=(1, 2))
+
+    def training_log_likelihood(self, x):
+        """:meth:`smoothed_loss` of :meth:`log_scores` with a closed-form gradient.
+
+        Gives the same values as ``smoothed_loss(log_scores(x))`` and the
+        same gradients with respect to the parameters (``x`` is a constant:
+        no back-propagation between layers), computed in the backward pass
+        from two weighted sums over the rows instead of by autograd through
+        the density (see :class:`_SmoothedMaxLogLikelihood`).
+
+        Returns
+        -------
+        log_lik : Tensor of shape (N,)
+        log_scores : Tensor of shape (N, H, W, K), without gradient
+        """
+        return _SmoothedMaxLogLikelihood.apply(self, x.detach(), self.mu, self.prec_sqrt,
+                                               self.weight_logits)
 
     # ------------------------------------------------------------- training
     def parameter_groups(self, learning_rate_factors):
@@ -1043,33 +1120,30 @@ class DCGMMNet(nn.Module):
         """
         active = self.active_layers()
         x = self._normalize(x)
-        total = x.new_zeros(x.shape[0])
-        sums, outputs, g = [], [], 0
+        losses, sums, outputs, g = [], [], [], 0
         for layer in self.layers:
             if isinstance(layer, ConvGMM):
-                x = x.detach()
                 with torch.set_grad_enabled(active[g] and torch.is_grad_enabled()):
-                    scores = layer.log_scores(x)
-                    log_lik = layer.smoothed_loss(scores)  # (N,)
-                total = total + (layer.log_density_bound() - log_lik)
+                    log_lik, scores = layer.training_log_likelihood(x)  # (N,), (N, H, W, K)
+                losses.append(layer.log_density_bound() - log_lik)
                 if active[g] and self.annealing == "plateau":
                     layer.window_loss_ += log_lik.detach().mean()
                 sums.append(log_lik.detach().sum())
-                x = torch.softmax(scores.detach(), dim=-1)
+                x = torch.softmax(scores, dim=-1)
                 g += 1
             else:
                 x = layer(x)
             outputs.append(x)
-        cross_entropy = x.new_zeros(())
+        cross_entropy = None
         if y is not None and self.classifier is not None and self.classifier_active():
-            features = self.classifier_features(outputs).detach()
-            losses = nn.functional.cross_entropy(self.classifier(features), y, reduction="none")
-            scale = features.square().sum(1).mean().clamp_min(1e-3)
-            total = total + losses / scale
-            cross_entropy = losses.detach().sum()
-        count = x.new_tensor(float(x.shape[0]))
-        self.loss_sums_ += torch.stack([*sums, cross_entropy, count])
-        return total
+            features = self.classifier_features(outputs)
+            ce = nn.functional.cross_entropy(self.classifier(features), y, reduction="none")
+            losses.append(ce / features.square().sum(1).mean().clamp_min(1e-3))
+            cross_entropy = ce.detach().sum()
+        sums.append(cross_entropy if cross_entropy is not None else sums[-1].new_zeros(()))
+        sums.append(sums[-1].new_tensor(float(x.shape[0])))
+        self.loss_sums_ += torch.stack(sums)
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum(dim=0)
 
     def make_optimizer(self, learning_rate_factors, classifier_learning_rate, reduce=None):
         """Plain SGD over every G layer (and the classifier), as the reference code.
