@@ -47,6 +47,11 @@ class DCGMMEstimator(BaseDeepMixture):
     top-S selection, gradient sharpening); in-painting is a forward pass to the
     top ``G`` layer followed by a backward pass.
 
+    The defaults (``"F-G"``: one diagonal GMM of the whole input with 100
+    components, variance floor 0.01) were chosen by validation across the
+    leave-one-class-out outlier-detection tasks of MNIST and digits (see
+    ``benchmarks/results/defaults_dcgmm.md``).
+
     The reference code's settings suit data in ``[0, 1]`` (pixels / 255), so
     the range ``[min(X), max(X)]`` of the training data (over all features)
     is mapped to ``[0, 1]`` before the first layer (data already in ``[0, 1]``
@@ -67,7 +72,7 @@ class DCGMMEstimator(BaseDeepMixture):
         ``C`` marks the classifier (one is added automatically when ``fit``
         gets ``y``). A list of layer objects from :mod:`skdeepmix.nn.dcgmm` is
         accepted too. The top ``G`` layer must have a single (1x1) position.
-    n_components : int, default=25
+    n_components : int, default=100
         Number of components of every ``G`` layer whose specification gives
         none (an explicit ``G(49)`` wins).
     image_shape : tuple of int, optional
@@ -77,19 +82,25 @@ class DCGMMEstimator(BaseDeepMixture):
         without it are a single position with ``n_features`` channels.
     batch_size : int, default=100
         Mini-batch size (reference code: 100).
-    learning_rate : float, default=0.05
+    learning_rate : float, default=0.015
         Initial SGD learning rate of the ``G`` layers, annealed with the
         smoothing width down to ``min_learning_rate`` (the reference code uses
-        0.011 -> 0.01 over 40-80 epochs; 0.05 suits short runs).
+        0.011 -> 0.01 with ``min_variance=0.05`` over 40-80 epochs). Keep
+        ``learning_rate / min_variance`` below 2 (better 1.5): a plain
+        gradient step on the means of a component that wins every row has
+        curvature up to ``1 / min_variance``, and larger steps diverge for
+        small ``n_components``.
     min_learning_rate : float, default=0.01
         Final learning rate of the ``G`` layers (at most ``learning_rate``).
     learning_rate_factors : tuple of 3 float, default=(1.0, 0.1, 0.2)
         Learning-rate factors of the means, the variances (parameterised by
         square-root precisions) and the weights (logits); 0 freezes a kind.
-    min_variance : float, default=0.05
+    min_variance : float, default=0.01
         Variance floor of the ``G`` layers: after every step the square-root
         precisions are projected to at most ``1/sqrt(min_variance)`` (the
-        reference code's precision bound 20); also the initial variance.
+        reference code uses 0.05, a precision bound of 20); also the initial
+        variance. With the defaults' learning rates it sets the step size
+        (see ``learning_rate``).
     mu_init : float, default=0.1
         Means are initialised uniformly in ``[-mu_init, mu_init]``.
     smoothing_sigma : float, optional
@@ -183,7 +194,7 @@ class DCGMMEstimator(BaseDeepMixture):
     ...                      random_state=0)
     >>> est = est.fit(X, y)
     >>> est.layers_
-    'F(3,1)-G(16)-F-G(25)-C'
+    'F(3,1)-G(16)-F-G(100)-C'
     >>> est.score_samples(X[:2]).shape
     (2,)
     >>> samples, labels = est.sample(4, y=[0, 1, 2, 3], sharpening_iter=10)
@@ -225,14 +236,14 @@ class DCGMMEstimator(BaseDeepMixture):
     def __init__(
         self,
         layers="F-G",
-        n_components=25,
+        n_components=100,
         image_shape=None,
         *,
         batch_size=100,
-        learning_rate=0.05,
+        learning_rate=0.015,
         min_learning_rate=0.01,
         learning_rate_factors=(1.0, 0.1, 0.2),
-        min_variance=0.05,
+        min_variance=0.01,
         mu_init=0.1,
         smoothing_sigma=None,
         min_smoothing_sigma=0.01,

@@ -295,6 +295,17 @@ def test_default_fit_on_digits_converges(digits):
     assert est.converged_ and est.n_iter_ < est.max_iter
 
 
+@pytest.mark.parametrize("n_components", [1, 2])
+def test_default_learning_rate_is_stable_for_few_components(digits, n_components):
+    # a component that wins every row: the step on its mean has curvature up to
+    # 1/min_variance; the defaults keep learning_rate / min_variance <= 1.5
+    X, _ = digits
+    est = DCGMMEstimator(n_components=n_components, max_iter=4, random_state=0,
+                         device="cpu").fit(X)
+    assert est.history_[-1]["objective"] > est.history_[0]["objective"]
+    assert np.isfinite(est.score_samples(X)).all()
+
+
 def test_training_improves_every_layer(digits):
     X, _ = digits
     est = DCGMMEstimator("F(3,1)-G(9)-F(2,2)-G(9)-F-G(9)", image_shape=(8, 8), max_iter=6,
