@@ -309,8 +309,8 @@ def test_default_learning_rate_is_stable_for_few_components(digits, n_components
 def test_training_improves_every_layer(digits):
     X, _ = digits
     est = DCGMMEstimator("F(3,1)-G(9)-F(2,2)-G(9)-F-G(9)", image_shape=(8, 8), max_iter=6,
-                         annealing=0.5, delay=0.2, random_state=0, device="cpu",
-                         tol=0).fit(X[:600])
+                         annealing=0.5, delay=0.2, learning_rate=0.05, min_variance=0.05,
+                         random_state=0, device="cpu", tol=0).fit(X[:600])
     hist = est.history_
     assert hist[-1]["loss_G1"] > hist[0]["loss_G1"]
     # every layer's likelihood (given the final lower layers) beats a fresh layer
