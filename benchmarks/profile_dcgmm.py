@@ -11,8 +11,9 @@ Workloads (one torch thread):
 
 For every workload the script measures the fit time, the samples per second
 per epoch (``n_samples * n_iter_ / fit time``, the fit's CPU time: on a shared
-machine it is less disturbed by the other processes than the wall time) and, in a separate run under
-``cProfile``, the share of the time spent in each function (self time).
+machine it is less disturbed by the other processes than the wall time) and,
+in a separate run under ``cProfile``, the share of the time spent in each
+function (self time).
 
 ``--before REV`` extracts the package at git revision ``REV`` to a temporary
 folder and measures it and the working tree back to back (alternating,
@@ -169,7 +170,8 @@ def main():
         f"{' --before ' + args.before if args.before else ''}` ({platform.machine()}, CPU, "
         f"1 torch thread, a shared 2-core machine). **Absolute times are noisy** (other "
         f"processes share the CPU); the versions ran back to back, alternating, "
-        f"{args.rounds} rounds, fastest fit kept; rates use the fit's CPU time (one thread). Shares are of the profiled run's self "
+        f"{args.rounds} rounds, fastest fit kept; rates use the fit's CPU time (one "
+        "thread). Shares are of the profiled run's self "
         "time (cProfile; torch operators appear as the builtins that call them).",
         "",
     ]
