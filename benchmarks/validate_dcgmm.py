@@ -223,10 +223,15 @@ def report(args, cache, table, best):
               f"{tuned_result['test_auc']:.4f}, GMM(reg by val AUC {by_auc:g}) "
               f"{base[by_auc]['test_auc']:.4f}, GMM(reg by val LL {by_ll:g}) "
               f"{base[by_ll]['test_auc']:.4f}", flush=True)
-    write_report(args, table, best, rows, defaults)
+    write_report(args, cache, table, best, rows, defaults)
 
 
-def write_report(args, table, best, rows, defaults):
+def verdict(value, reference, tie=0.005):
+    return ("above" if value > reference + tie else "below" if value < reference - tie
+            else "level with (within 0.005)")
+
+
+def write_report(args, cache, table, best, rows, defaults):
     def mean(values):
         return float(np.mean(values))
 
@@ -310,12 +315,29 @@ def write_report(args, table, best, rows, defaults):
     auc_mean = mean([row["by_auc"][1]["test_auc"] for row in rows])
     ll_mean = mean([row["by_ll"][1]["test_auc"] for row in rows])
     fixed_mean = mean([row["base"][fixed]["test_auc"] for row in rows])
+    total_minutes = sum(v.get("time", 0.0) for v in cache.data.values()) / 60
     lines += [
         f"| **mean** | **{mean(default_mean):.4f}** | {tuned_mean:.4f} | {auc_mean:.4f} | "
         f"{ll_mean:.4f} | {fixed_mean:.4f} | | |",
         "",
         f"Paper task (MNIST 1-9 vs 0, the row of class 0): defaults {default_mean[0]:.4f} "
         "(paper: DCGMM-A 0.954 after 40-80 epochs on all 54k images).",
+        "",
+        "**Verdict** (mean test AUC over the 10 tasks): the defaults "
+        f"({mean(default_mean):.4f}) are {verdict(mean(default_mean), ll_mean)} the flat "
+        f"GMM whose reg_covar a user picks by held-out log-likelihood ({ll_mean:.4f}) and "
+        f"{verdict(mean(default_mean), fixed_mean)} the flat GMM with one reg_covar for "
+        f"all tasks chosen like DCGMM's defaults ({fixed_mean:.4f}), but "
+        f"{verdict(mean(default_mean), auc_mean)} the flat GMM whose reg_covar is tuned "
+        f"per task on that task's labelled validation outliers ({auc_mean:.4f}); DCGMM "
+        f"tuned the same way per task reaches {tuned_mean:.4f}. DCGMM-A is a diagonal GMM: "
+        "trained by SGD on the max-component likelihood it is a slightly worse density "
+        "than EM gives, and what it adds is a variance floor that works without outlier "
+        "labels. Held-out log-likelihood picks tiny reg_covar values, which make poor "
+        "outlier detectors.",
+        "",
+        f"Compute: {total_minutes:.0f} min of fits in all (selection and report, "
+        "one thread, shared machine).",
     ]
     out = Path("/tmp/defaults_dcgmm_smoke.md") if args.smoke else RESULTS / "defaults_dcgmm.md"
     out.write_text("\n".join(lines) + "\n")
