@@ -53,13 +53,13 @@ print(f"  sklearn GaussianMixture(25, diag): {outlier_auc(ll_gmm[is_in], ll_gmm[
 # 2. classification with the classifier layer --------------------------------
 clf = DCGMMEstimator("F(3,1)-G(25)-F-G(25)", image_shape=(8, 8), max_iter=30,
                      classifier_layers=(-2, -1), top_s=(3, 1),
-                     sharpening_iterations=100, random_state=0, device="cpu")
+                     sharpening_iter=100, random_state=0, device="cpu")
 clf.fit(X_train, y_train)
 print(f"classifier layer: test accuracy {np.mean(clf.predict(X_test) == y_test):.3f}")
 
 # 3. class-conditional samples ------------------------------------------------
 labels = np.repeat(np.arange(10), 6)
-plain, _ = clf.sample(len(labels), y=labels, sharpening_iterations=0)
+plain, _ = clf.sample(len(labels), y=labels, sharpening_iter=0)
 sharp, _ = clf.sample(len(labels), y=labels)  # 100 sharpening iterations
 ll_plain = clf.score_samples_layers(plain)[:, 0].mean()
 ll_sharp = clf.score_samples_layers(sharp)[:, 0].mean()

@@ -2,12 +2,14 @@
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
 from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -33,7 +35,7 @@ def supervised_model(digits):
     X, y = digits
     est = DCGMMEstimator(
         "F(3,1)-G(16)-F-G(25)", image_shape=(8, 8), max_iter=30,
-        classifier_layers=(-2, -1), sharpening_iterations=20, random_state=0, device="cpu",
+        classifier_layers=(-2, -1), sharpening_iter=20, random_state=0, device="cpu",
     )
     return est.fit(X[:1000], y[:1000])
 
@@ -125,17 +127,48 @@ def test_smoothed_loss_reduces_to_max_component_when_annealed():
     assert (wide.smoothing_ > 0.01).sum() > 9  # neighbours on the torus get weight
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("sigma0", [0.8, 0.01])  # smoothed, and the identity kernel
+def test_closed_form_gradient_equals_autograd(shared, sigma0):
+    layer = ConvGMM(6, shared=shared)
+    layer.build((3, 2, 4), dtype=torch.float64, sigma0=sigma0,
+                generator=torch.Generator().manual_seed(0))
+    assert layer.kernel_is_identity == (sigma0 == 0.01)
+    with torch.no_grad():
+        layer.prec_sqrt.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+        layer.weight_logits.normal_(generator=torch.Generator().manual_seed(2))
+    x = torch.rand(9, 3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    upstream = torch.rand(9, dtype=torch.float64) - 0.5
+    params = (layer.mu, layer.prec_sqrt, layer.weight_logits)
+    log_lik, scores = layer.training_log_likelihood(x)
+    expected_scores = layer.log_scores(x)
+    expected = layer.smoothed_loss(expected_scores)
+    torch.testing.assert_close(log_lik, expected)
+    torch.testing.assert_close(scores, expected_scores.detach())
+    got = torch.autograd.grad((log_lik * upstream).sum(), params)
+    want = torch.autograd.grad((expected * upstream).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_plateau_annealing_rule():
     layer = ConvGMM(4)
     layer.build((1, 1, 2), anneal_window=2, anneal_factor=0.5, learning_rate=0.04,
-                learning_rate_min=0.01)
+                min_learning_rate=0.01)
     sigma0 = layer.sigma
-    for value in [0.0, 0.0, 10.0, 10.0, 20.0, 20.0]:  # steady improvement
-        layer._anneal(value)
+    for average in [0.0, 10.0, 20.0]:  # window averages: steady improvement
+        layer.plateau_update(average)
     assert layer.sigma == sigma0
-    for value in [20.1, 20.1]:  # plateau: < 5 % of the improvement so far
-        layer._anneal(value)
+    layer.plateau_update(20.1)  # plateau: < 5 % of the improvement so far
     assert layer.sigma == sigma0 * 0.5 and layer.learning_rate == 0.02
+    # the window: two steps of accumulated batch losses give one average
+    layer.window_loss_ += 30.0
+    layer.end_window_step()
+    assert layer.n_windows == 4
+    layer.window_loss_ += 30.0
+    layer.end_window_step(reduce=lambda total: total)
+    assert layer.n_windows == 5 and layer.last_average == 30.0
+    assert float(layer.window_loss_) == 0.0
     layer.set_annealing(1.0)  # the scheduled variant ends at the minima
     assert layer.sigma == pytest.approx(0.01) and layer.learning_rate == pytest.approx(0.01)
 
@@ -209,11 +242,75 @@ def test_single_layer_equals_diagonal_gmm_max_component(digits):
     np.testing.assert_array_equal(est.predict(Xt), comp.argmax(1))
 
 
+def test_one_epoch_is_the_reference_sgd_update(digits):
+    # one full batch: the optimizer's step must be the reference's plain
+    # gradient ascent with per-kind factors, followed by the precision clipping
+    X, _ = digits
+    X = X[:200].astype(np.float64)
+    kw = dict(layers="F-G(4)", batch_size=200, learning_rate=0.3, min_variance=0.5,
+              learning_rate_factors=(1.0, 0.5, 0.2), random_state=0, device="cpu")
+    start = DCGMMEstimator(max_iter=0, **kw).fit(X)
+    stepped = DCGMMEstimator(max_iter=1, **kw).fit(X)
+    layer = copy.deepcopy(start.module_.layers[1])
+    params = (layer.mu, layer.prec_sqrt, layer.weight_logits)
+    x = start.module_.layers[0](torch.as_tensor(X).reshape(-1, 8, 8, 1))
+    objective = layer.smoothed_loss(layer.log_scores(x)).mean()
+    grads = torch.autograd.grad(objective, params)
+    with torch.no_grad():
+        for p, g, f in zip(params, grads, (1.0, 0.5, 0.2)):
+            p += 0.3 * f * g
+        p_sqrt = layer.prec_sqrt.clamp(1e-3, math.sqrt(2.0))
+    new = stepped.module_.layers[1]
+    assert (new.prec_sqrt == math.sqrt(2.0)).any()  # the projection was active
+    torch.testing.assert_close(new.mu, layer.mu)
+    torch.testing.assert_close(new.prec_sqrt, p_sqrt)
+    torch.testing.assert_close(new.weight_logits, layer.weight_logits)
+
+
+def test_input_range_is_mapped_to_unit_interval(digits):
+    X, _ = digits
+    X = X[:300].astype(np.float64)
+    kw = dict(max_iter=3, random_state=0, device="cpu", sharpening_iter=0)
+    unit = DCGMMEstimator(**kw).fit(X)
+    raw = DCGMMEstimator(**kw).fit(255.0 * X - 3.0)  # same fit, other units
+    np.testing.assert_allclose(raw.score_samples(255.0 * X - 3.0),
+                               unit.score_samples(X) - 64 * math.log(255.0), rtol=1e-6)
+    np.testing.assert_allclose(raw.sample(5)[0], 255.0 * unit.sample(5)[0] - 3.0,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_n_components_fills_layers_without_one(digits):
+    X, _ = digits
+    est = DCGMMEstimator("F(4,2)-G-F-G(5)", n_components=7, image_shape=(8, 8), max_iter=1,
+                         device="cpu").fit(X[:100])
+    assert est.layers_ == "F(4,2)-G(7)-F-G(5)"
+    assert est.get_params()["layers"] == "F(4,2)-G-F-G(5)"  # the parameter is unchanged
+
+
+def test_default_fit_on_digits_converges(digits):
+    X, _ = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = DCGMMEstimator(random_state=0).fit(X)
+    assert est.converged_ and est.n_iter_ < est.max_iter
+
+
+@pytest.mark.parametrize("n_components", [1, 2])
+def test_default_learning_rate_is_stable_for_few_components(digits, n_components):
+    # a component that wins every row: the step on its mean has curvature up to
+    # 1/min_variance; the defaults keep learning_rate / min_variance <= 1.5
+    X, _ = digits
+    est = DCGMMEstimator(n_components=n_components, max_iter=4, random_state=0,
+                         device="cpu").fit(X)
+    assert est.history_[-1]["objective"] > est.history_[0]["objective"]
+    assert np.isfinite(est.score_samples(X)).all()
+
+
 def test_training_improves_every_layer(digits):
     X, _ = digits
     est = DCGMMEstimator("F(3,1)-G(9)-F(2,2)-G(9)-F-G(9)", image_shape=(8, 8), max_iter=6,
-                         annealing=0.5, delay=0.2, random_state=0, device="cpu",
-                         tol=0).fit(X[:600])
+                         annealing=0.5, delay=0.2, learning_rate=0.05, min_variance=0.05,
+                         random_state=0, device="cpu", tol=0).fit(X[:600])
     hist = est.history_
     assert hist[-1]["loss_G1"] > hist[0]["loss_G1"]
     # every layer's likelihood (given the final lower layers) beats a fresh layer
@@ -263,8 +360,8 @@ def test_sharpening_increases_target_layer_log_likelihood(digits):
     assert (after >= before - 1e-4).all()
     assert after.mean() > before.mean() + 0.5
     # through the estimator: same seed, with and without sharpening
-    plain, _ = est.sample(50, sharpening_iterations=0)
-    sharp, _ = est.sample(50, sharpening_iterations=100)
+    plain, _ = est.sample(50, sharpening_iter=0)
+    sharp, _ = est.sample(50, sharpening_iter=100)
     assert est.score_samples_layers(sharp)[:, 0].mean() > (
         est.score_samples_layers(plain)[:, 0].mean() + 0.5)
 
@@ -272,7 +369,7 @@ def test_sharpening_increases_target_layer_log_likelihood(digits):
 def test_sampling_is_seeded_and_shaped(digits):
     X, _ = digits
     est = DCGMMEstimator("F(4,2)-G(9)-F-G(9)", image_shape=(8, 8), max_iter=2,
-                         sharpening_iterations=5, random_state=3, device="cpu").fit(X[:200])
+                         sharpening_iter=5, random_state=3, device="cpu").fit(X[:200])
     a, za = est.sample(7)
     b, zb = est.sample(7)
     assert a.shape == (7, 64) and za.shape == (7,)
@@ -351,7 +448,7 @@ def test_string_labels(digits):
 @parametrize_with_checks(
     [DCGMMEstimator("F-G(3)-G(2)", max_iter=4, batch_size=20, annealing="plateau",
                     anneal_window=5, top_s=(2, 1),
-                    sharpening_iterations=3, random_state=0, device="cpu")]
+                    sharpening_iter=3, random_state=0, device="cpu")]
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)

@@ -28,17 +28,22 @@ layer's output into a control signal (or a sample) for its input:
     approximate inverse ``W^T (log T - b)`` shifted to be positive.
 
 :func:`parse_layers` reads the paper's notation (``"F(3,1)-G(25)-F(4,2)-G(25)"``)
-and :class:`DCGMMNet` builds, trains (one step per mini-batch, each ``G``
-layer on its own loss) and samples from a stack of layers.
+and :class:`DCGMMNet` builds a stack of layers, gives the per-sample training
+losses (every ``G`` layer's own loss on its detached input, plus the
+classifier's), the plain SGD optimizer with per-layer, per-parameter-kind
+learning rates and the post-step projection and annealing, and samples.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
 import torch
 from torch import nn
+
+from .._gaussian import LOG_2PI, log_gaussian_prob
 
 __all__ = [
     "Folding",
@@ -46,11 +51,12 @@ __all__ = [
     "ConvGMM",
     "LinearClassifier",
     "parse_layers",
+    "format_layers",
     "DCGMMNet",
 ]
 
-_LOG_2PI = math.log(2.0 * math.pi)
-
+#: smallest square-root precision (the projection after every step keeps it positive)
+_MIN_PREC_SQRT = 1e-3
 
 def _as_pair(value, name):
     if isinstance(value, (tuple, list)):
@@ -115,6 +121,10 @@ class _WindowLayer(nn.Module):
         counts = torch.zeros(H * W * C, device=device)
         counts.index_add_(0, index.reshape(-1), torch.ones(index.numel(), device=device))
         return index, counts, (kh, kw, Ho, Wo)
+
+    def reset_parameters(self, generator=None):
+        """Recompute the index buffers on their device (after ``to_empty``)."""
+        self.build(self.in_shape, device=self.index_.device)
 
     def _scatter_mean(self, values, index, counts):
         """Average ``values`` (N, n_index) into the flat input (N, H*W*C)."""
@@ -249,11 +259,13 @@ class MaxPooling(_WindowLayer):
 # --------------------------------------------------------------------------- #
 # convolutional GMM                                                           #
 # --------------------------------------------------------------------------- #
-def _toroidal_grid_sq_distances(n_components):
+# convolutional GMM                                                           #
+# --------------------------------------------------------------------------- #
+def _toroidal_grid_sq_distances(n_components, device=None):
     """Squared distances of K components placed on a toroidal grid (rows x cols)."""
     rows = max(int(math.floor(math.sqrt(n_components))), 1)
     cols = int(math.ceil(n_components / rows))
-    k = torch.arange(n_components)
+    k = torch.arange(n_components, device=device)
     y, x = (k // cols).double(), (k % cols).double()
     dy = (y[:, None] - y[None, :]).abs()
     dx = (x[:, None] - x[None, :]).abs()
@@ -262,18 +274,82 @@ def _toroidal_grid_sq_distances(n_components):
     return dy**2 + dx**2
 
 
+def _diag_log_prob(x, means, prec_sqrt):
+    return log_gaussian_prob(x, means, prec_sqrt, "diag")
+
+
+#: log N(x_p; mu_pk, diag(s_pk)^-2) for every position p: (N, P, D) -> (N, P, K)
+_per_position_log_prob = torch.vmap(_diag_log_prob, in_dims=(1, 0, 0), out_dims=1)
+
+
+class _SmoothedMaxLogLikelihood(torch.autograd.Function):
+    """A G layer's smoothed max-component log-likelihood, mean over positions.
+
+    With ``r_m`` the smoothing-kernel row of the winning component of row
+    ``m`` (one position of one sample; one-hot without smoothing) and ``w_m``
+    the upstream gradient of its sample divided by the number of positions,
+    the gradients are, per position group (one for shared parameters):
+
+    * means: ``s^2 (A - c mu)``, with ``A = sum_m w_m r_m x_m^T``,
+      ``c = sum_m w_m r_m``;
+    * square-root precisions: ``c / s - s (B - 2 mu A + c mu^2)``, with
+      ``B = sum_m w_m r_m (x_m^2)^T``;
+    * weight logits: ``c - (sum_k c_k) softmax(logits)``.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, x, mu, prec_sqrt, logits):
+        scores = layer.log_scores(x)  # (N, H, W, K)
+        N, H, W, K = scores.shape
+        flat = scores.reshape(-1, K)
+        smoothed = flat if layer.kernel_is_identity else flat @ layer.smoothing_.T
+        value, index = smoothed.max(dim=1)
+        ctx.layer = layer
+        ctx.save_for_backward(x, index)
+        ctx.mark_non_differentiable(scores)
+        return value.reshape(N, H * W).mean(dim=1), scores
+
+    @staticmethod
+    def backward(ctx, grad_log_lik, grad_scores):
+        layer = ctx.layer
+        x, index = ctx.saved_tensors
+        N, H, W, D = x.shape
+        mu, s, logits = layer.mu, layer.prec_sqrt, layer.weight_logits
+        groups, K = logits.shape
+        # weight of every row (sample n, position p): dL/dlog_lik_n / positions
+        weight = (grad_log_lik / (H * W)).repeat_interleave(H * W)  # (M,)
+        if layer.kernel_is_identity:
+            r = weight.new_zeros(weight.shape[0], K).scatter_(1, index[:, None], weight[:, None])
+        else:
+            r = layer.smoothing_[index] * weight[:, None]  # (M, K)
+        # [groups, K, M/groups] @ [groups, M/groups, 2D]: A and B in one product
+        r = r.reshape(-1, groups, K).permute(1, 2, 0)
+        x = x.reshape(-1, groups, D).transpose(0, 1)
+        A, B = torch.matmul(r, torch.cat([x, x.square()], dim=-1)).split(D, dim=-1)
+        c = r.sum(dim=-1)  # (groups, K)
+        cc = c[..., None]
+        grad_mu = s.square() * (A - cc * mu)
+        grad_s = cc / s - s * (B - 2.0 * mu * A + cc * mu.square())
+        grad_logits = c - c.sum(dim=1, keepdim=True) * torch.softmax(logits, dim=1)
+        return None, None, grad_mu, grad_s, grad_logits
+
+
 class ConvGMM(nn.Module):
     """Convolutional GMM layer ``G(K)`` with diagonal precisions.
 
     The parameters are the means ``mu``, the square roots of the diagonal
-    precisions ``prec_sqrt`` (the reference code's "sigmas", clipped from above
-    so that precisions stay below ``precision_bound``) and the logits of the
-    mixture weights (weights = softmax(logits)).
+    precisions ``prec_sqrt`` (the reference code's "sigmas"; they are the
+    precision Cholesky factors of :mod:`skdeepmix._gaussian`'s ``'diag'``
+    parametrisation, projected after every step so that no variance falls
+    below ``min_variance``) and the logits of the mixture weights
+    (weights = softmax(logits)), each of shape ``(P, K, ...)`` with ``P = 1``
+    when shared.
 
     Parameters
     ----------
-    n_components : int
-        Number of components ``K``.
+    n_components : int, optional
+        Number of components ``K``; ``None`` takes the ``n_components`` given
+        to :meth:`build`.
     shared : bool, default=True
         Share the parameters over all positions (convolutional mode); else
         every position has its own GMM.
@@ -281,7 +357,7 @@ class ConvGMM(nn.Module):
 
     letter = "G"
 
-    def __init__(self, n_components, shared=True):
+    def __init__(self, n_components=None, shared=True):
         super().__init__()
         self.n_components = n_components
         self.shared = shared
@@ -289,59 +365,82 @@ class ConvGMM(nn.Module):
         self.out_shape = None
 
     def __repr__(self):
+        k = "" if self.n_components is None else str(self.n_components)
         if self.shared:
-            return f"G({self.n_components})"
-        return f"G({self.n_components},shared=False)"
+            return f"G({k})" if k else "G"
+        return f"G({k + ',' if k else ''}shared=False)"
 
     # ---------------------------------------------------------------- build
-    def build(self, in_shape, *, generator=None, dtype=torch.float32, device=None,
-              mu_init=0.1, precision_bound=20.0, sigma0=None, sigma_min=0.01,
-              learning_rate=0.011, learning_rate_min=0.01, anneal_factor=0.9,
-              anneal_window=100, anneal_delta=0.05):
+    def build(self, in_shape, *, n_components=None, generator=None, dtype=None, device=None,
+              mu_init=0.1, min_variance=0.05, sigma0=None, sigma_min=0.01, learning_rate=0.05,
+              min_learning_rate=0.01, anneal_factor=0.9, anneal_window=100,
+              anneal_delta=0.05):
+        """Create the parameters for inputs of shape ``in_shape = (H, W, D)``.
+
+        ``n_components`` is used when the layer was created without one. The
+        parameters are initialised (:meth:`reset_parameters`) unless they live
+        on the ``meta`` device. Returns the output shape ``(H, W, K)``.
+        """
+        if self.n_components is None:
+            self.n_components = n_components
         K = self.n_components
         if isinstance(K, bool) or not isinstance(K, int) or K < 1:
             raise ValueError(
                 f"G layer: the number of components must be a positive int, got {K!r}.")
         H, W, D = in_shape
         P = 1 if self.shared else H * W
-        mu = torch.rand(P, K, D, generator=generator, device=device, dtype=dtype)
-        mu = (2 * mu - 1) * mu_init
-        self.mu = nn.Parameter(mu)
-        self.prec_sqrt = nn.Parameter(
-            torch.full((P, K, D), math.sqrt(precision_bound), device=device, dtype=dtype)
-        )
-        self.weight_logits = nn.Parameter(torch.zeros(P, K, device=device, dtype=dtype))
-        self.register_buffer(
-            "grid_sq_dist_", _toroidal_grid_sq_distances(K).to(device=device, dtype=dtype)
-        )
-        self.precision_bound = float(precision_bound)
+        factory = dict(device=device, dtype=dtype)
+        self.mu = nn.Parameter(torch.empty(P, K, D, **factory))
+        self.prec_sqrt = nn.Parameter(torch.empty(P, K, D, **factory))
+        self.weight_logits = nn.Parameter(torch.empty(P, K, **factory))
+        self.register_buffer("smoothing_", torch.empty(K, K, **factory), persistent=False)
+        self.register_buffer("grid_sq_dist_", torch.empty(K, K, **factory), persistent=False)
+        self.mu_init = float(mu_init)
+        self.max_precision = 1.0 / float(min_variance)
         # annealing state (python floats: part of the pickled / deep-copied module)
         self.sigma0 = 0.25 * math.sqrt(2 * K) if sigma0 is None else float(sigma0)
         self.sigma_min = float(sigma_min)
-        self.learning_rate_min = float(learning_rate_min)
+        self.min_learning_rate = float(min(min_learning_rate, learning_rate))
         self.anneal_factor = float(anneal_factor)
         self.anneal_window = int(anneal_window)
         self.anneal_delta = float(anneal_delta)
-        self.sigma = self.sigma0
-        self.learning_rate = self.learning_rate0 = float(learning_rate)
-        self.plateau_annealing = True
-        self._win_sum, self._win_count = 0.0, 0
-        self._n_windows, self._first_avg, self._last_avg = 0, None, None
-        self.n_updates = 0
-        self._update_kernel()
+        self.learning_rate0 = float(learning_rate)
         self.in_shape = (H, W, D)
         self.out_shape = (H, W, K)
+        if self.mu.device.type != "meta":
+            self.reset_parameters(generator)
         return self.out_shape
 
+    def reset_parameters(self, generator=None):
+        """Means ``U(±mu_init)``, precisions at their bound, uniform weights,
+        the initial smoothing width and learning rate."""
+        with torch.no_grad():
+            self.mu.uniform_(-self.mu_init, self.mu_init, generator=generator)
+            self.prec_sqrt.fill_(math.sqrt(self.max_precision))
+            self.weight_logits.zero_()
+        self.sigma = self.sigma0
+        self.learning_rate = self.learning_rate0
+        self.n_updates = 0
+        self.window_count, self.n_windows = 0, 0
+        self.first_average = self.last_average = None
+        self.register_buffer("window_loss_", self.mu.new_zeros(()), persistent=False)
+        self.grid_sq_dist_.copy_(
+            _toroidal_grid_sq_distances(self.n_components, self.grid_sq_dist_.device))
+        self._update_kernel()
+
     def _update_kernel(self):
-        g = self.grid_sq_dist_
-        if self.sigma <= 0:
-            kernel = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        else:
-            kernel = torch.exp(-g / (2.0 * self.sigma**2))
-        self.register_buffer(
-            "smoothing_", kernel / kernel.sum(dim=1, keepdim=True), persistent=False
-        )
+        """The normalised smoothing kernel of width ``sigma`` on the component grid.
+
+        Below a width of about 0.027 the kernel is the identity to float64
+        precision (the nearest neighbour's weight ``exp(-1 / (2 sigma^2))``
+        underflows), and the smoothing is skipped (``kernel_is_identity``).
+        """
+        self.kernel_is_identity = self.sigma <= 0 or 0.5 / self.sigma**2 > 700.0
+        if self.kernel_is_identity:
+            self.smoothing_.copy_(torch.eye(self.n_components))
+            return
+        kernel = torch.exp(self.grid_sq_dist_ * (-0.5 / self.sigma**2))
+        self.smoothing_.copy_(kernel / kernel.sum(dim=1, keepdim=True))
 
     @property
     def n_positions(self):
@@ -352,37 +451,16 @@ class ConvGMM(nn.Module):
         return P * (2 * K * D + K - 1)
 
     # -------------------------------------------------------------- forward
-    def _statistics(self):
-        prec = self.prec_sqrt**2  # (P, K, D)
-        log_det = torch.log(self.prec_sqrt.abs()).sum(-1)  # (P, K)
-        mu_prec = self.mu * prec
-        const = (self.mu * mu_prec).sum(-1)  # (P, K)
-        log_w = torch.log_softmax(self.weight_logits, dim=-1)
-        return prec, mu_prec, const, log_w + log_det
-
-    def log_scores(self, x, statistics=None):
-        """``log pi_k + log N(x_hw; mu_k, diag(prec_k^-1))``: (N, H, W, D) -> (N, H, W, K).
-
-        ``statistics`` (from ``_statistics()``) may be passed to reuse them.
-        """
+    def log_scores(self, x):
+        """``log pi_k + log N(x_hw; mu_k, diag(prec_k^-1))``: (N, H, W, D) -> (N, H, W, K)."""
         N, H, W, D = x.shape
-        prec, mu_prec, const, log_w_det = (
-            self._statistics() if statistics is None else statistics)
+        log_w = torch.log_softmax(self.weight_logits, dim=-1)  # (P, K)
         if self.shared:
-            flat = x.reshape(-1, D)
-            quad = (flat * flat) @ prec[0].T - 2.0 * flat @ mu_prec[0].T + const[0]
-            quad = quad.reshape(N, H, W, -1)
+            scores = _diag_log_prob(x.reshape(-1, D), self.mu[0], self.prec_sqrt[0]) + log_w[0]
         else:
-            flat = x.reshape(N, H * W, D)
-            quad = (
-                torch.einsum("npd,pkd->npk", flat * flat, prec)
-                - 2.0 * torch.einsum("npd,pkd->npk", flat, mu_prec)
-                + const
-            ).reshape(N, H, W, -1)
-        quad = quad.clamp_min(0.0)
-        shape = (1, 1, 1, -1) if self.shared else (1, H, W, -1)
-        offset = log_w_det.reshape(shape) - 0.5 * D * _LOG_2PI
-        return offset - 0.5 * quad
+            scores = _per_position_log_prob(x.reshape(N, H * W, D), self.mu, self.prec_sqrt)
+            scores = scores + log_w
+        return scores.reshape(N, H, W, -1)
 
     def forward(self, x):
         """Activities (posteriors): (N, H, W, D) -> (N, H, W, K)."""
@@ -393,6 +471,11 @@ class ConvGMM(nn.Module):
         """Max-component log-likelihood, mean over positions: (N, H, W, K) -> (N,)."""
         return log_scores.amax(dim=-1).mean(dim=(1, 2))
 
+    def log_density_bound(self):
+        """The largest log-density a position can have under the variance floor,
+        ``D/2 log(1 / (2 pi min_variance))`` (weights are at most 1)."""
+        return 0.5 * self.in_shape[2] * (math.log(self.max_precision) - LOG_2PI)
+
     def smoothed_loss(self, log_scores):
         """Training objective (higher is better), per sample, shape (N,).
 
@@ -400,43 +483,51 @@ class ConvGMM(nn.Module):
         toroidal component grid before the max; equals
         :meth:`max_log_likelihood` once the kernel width is small.
         """
-        smoothed = log_scores @ self.smoothing_.T
+        smoothed = log_scores if self.kernel_is_identity else log_scores @ self.smoothing_.T
         return smoothed.amax(dim=-1).mean(dim=(1, 2))
 
-    # ------------------------------------------------------------- training
-    def train_step(self, x, lr_factors=(1.0, 0.1, 0.2)):
-        """One plain gradient-ascent step on the smoothed loss of a batch.
+    def training_log_likelihood(self, x):
+        """:meth:`smoothed_loss` of :meth:`log_scores` with a closed-form gradient.
 
-        Parameters
-        ----------
-        x : Tensor of shape (N, H, W, D)
-            Input of the layer (no gradient flows to lower layers).
-        lr_factors : (float, float, float)
-            Learning-rate factors of the means, the precisions and the weights.
+        Gives the same values as ``smoothed_loss(log_scores(x))`` and the
+        same gradients with respect to the parameters (``x`` is a constant:
+        no back-propagation between layers), computed in the backward pass
+        from two weighted sums over the rows instead of by autograd through
+        the density (see :class:`_SmoothedMaxLogLikelihood`).
 
         Returns
         -------
-        log_scores : Tensor of shape (N, H, W, K), detached
-        loss : float
-            Batch mean of the smoothed loss (before the step).
+        log_lik : Tensor of shape (N,)
+        log_scores : Tensor of shape (N, H, W, K), without gradient
+        """
+        return _SmoothedMaxLogLikelihood.apply(self, x.detach(), self.mu, self.prec_sqrt,
+                                               self.weight_logits)
+
+    # ------------------------------------------------------------- training
+    def parameter_groups(self, learning_rate_factors):
+        """SGD parameter groups: means, square-root precisions and weight
+        logits, each with its learning-rate factor (factor 0: not trained).
+
+        The learning rate of a group is ``learning_rate * factor``, times the
+        number of positions for a per-position layer (which sees ``1/(H*W)``
+        of the gradient of the mean over positions: the reference's
+        ``loss_mult``); see :meth:`group_learning_rate`.
         """
         params = (self.mu, self.prec_sqrt, self.weight_logits)
-        with torch.enable_grad():
-            log_scores = self.log_scores(x.detach())
-            loss = self.smoothed_loss(log_scores).mean()
-            grads = torch.autograd.grad(loss, params)
-        # the per-position layer sees 1/(H*W) of the gradient of the mean
-        mult = 1.0 if self.shared else float(self.n_positions)
+        return [
+            {"params": [p], "dcgmm_layer": self, "factor": float(f),
+             "lr": self.group_learning_rate(f)}
+            for p, f in zip(params, learning_rate_factors) if f
+        ]
+
+    def group_learning_rate(self, factor):
+        return self.learning_rate * factor * (1.0 if self.shared else float(self.n_positions))
+
+    def project_(self):
+        """Post-step projection: square-root precisions in
+        ``[1e-3, sqrt(1 / min_variance)]`` (the reference's clipping)."""
         with torch.no_grad():
-            for p, g, f in zip(params, grads, lr_factors):
-                if f:
-                    p.add_(g, alpha=self.learning_rate * f * mult)
-            bound = math.sqrt(self.precision_bound)
-            self.prec_sqrt.clamp_(min=1e-3, max=bound)
-        self.n_updates += 1
-        value = float(loss.detach())
-        self._anneal(value)
-        return log_scores.detach(), value
+            self.prec_sqrt.clamp_(min=_MIN_PREC_SQRT, max=math.sqrt(self.max_precision))
 
     def set_annealing(self, progress):
         """Scheduled annealing: geometric decay of the smoothing width and learning rate.
@@ -445,46 +536,53 @@ class ConvGMM(nn.Module):
         ----------
         progress : float in [0, 1]
             0 gives ``sigma0`` and the initial learning rate, 1 gives
-            ``sigma_min`` and ``learning_rate_min``.
+            ``sigma_min`` and ``min_learning_rate``.
         """
         progress = min(max(float(progress), 0.0), 1.0)
         sigma = self.sigma0 * (self.sigma_min / self.sigma0) ** progress
         self.learning_rate = self.learning_rate0 * (
-            self.learning_rate_min / self.learning_rate0) ** progress
+            self.min_learning_rate / self.learning_rate0) ** progress
         if sigma != self.sigma:
             self.sigma = sigma
             self._update_kernel()
 
-    def _anneal(self, value):
-        """Shrink the smoothing width and learning rate when the loss plateaus.
+    def plateau_update(self, average):
+        """The reference code's plateau rule, given the next window average of the loss.
 
-        Window averages of the loss over ``anneal_window`` steps; from the third
-        window on, if the last improvement is below ``anneal_delta`` times the
-        improvement since the first window, both are multiplied by
-        ``anneal_factor`` (the reference code's "SingleExp" rule).
+        From the third window on, if the last improvement is below
+        ``anneal_delta`` times the improvement since the first window, the
+        smoothing width and the learning rate are multiplied by
+        ``anneal_factor`` (down to their minima).
         """
-        if not self.plateau_annealing:
+        self.n_windows += 1
+        if self.n_windows == 1:
+            self.first_average = self.last_average = average
             return
-        self._win_sum += value
-        self._win_count += 1
-        if self._win_count < self.anneal_window:
-            return
-        avg = self._win_sum / self._win_count
-        self._win_sum, self._win_count = 0.0, 0
-        self._n_windows += 1
-        if self._n_windows == 1:
-            self._first_avg = self._last_avg = avg
-            return
-        if self._n_windows > 2 and self.sigma > self.sigma_min:
-            denom = self._last_avg - self._first_avg
-            ratio = (avg - self._last_avg) / denom if denom != 0 else 0.0
+        if self.n_windows > 2 and self.sigma > self.sigma_min:
+            denom = self.last_average - self.first_average
+            ratio = (average - self.last_average) / denom if denom != 0 else 0.0
             if -2 * self.anneal_delta < ratio < self.anneal_delta:
                 self.sigma = max(self.sigma * self.anneal_factor, self.sigma_min)
                 self.learning_rate = max(
-                    self.learning_rate * self.anneal_factor, self.learning_rate_min
+                    self.learning_rate * self.anneal_factor, self.min_learning_rate
                 )
                 self._update_kernel()
-        self._last_avg = avg
+        self.last_average = average
+
+    def end_window_step(self, reduce=None):
+        """Count one step of plateau annealing; at the end of a window of
+        ``anneal_window`` steps read the accumulated loss (one host sync per
+        window), average it (``reduce`` sums it over processes) and apply
+        :meth:`plateau_update`."""
+        self.window_count += 1
+        if self.window_count < self.anneal_window:
+            return
+        total = float(self.window_loss_)
+        if reduce is not None:
+            total = reduce(total)
+        self.window_loss_.zero_()
+        self.window_count = 0
+        self.plateau_update(total / self.anneal_window)
 
     # ------------------------------------------------------------- sampling
     def backwards(self, control, generator=None, top_s=3, sampling_divisor=20.0,
@@ -534,15 +632,12 @@ class ConvGMM(nn.Module):
             s = self.prec_sqrt[pos, z]
         mu, s = mu.detach(), s.detach()
         std = torch.where(
-            s < math.sqrt(self.precision_bound) * (1 - 1e-6), 1.0 / s, torch.zeros_like(s)
+            s < math.sqrt(self.max_precision) * (1 - 1e-6), 1.0 / s, torch.zeros_like(s)
         )
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + noise * std / sampling_divisor, z
 
 
-# --------------------------------------------------------------------------- #
-# classifier                                                                  #
-# --------------------------------------------------------------------------- #
 class LinearClassifier(nn.Module):
     """Linear softmax classifier ``C(S)`` on flattened activities.
 
@@ -561,13 +656,21 @@ class LinearClassifier(nn.Module):
     def __repr__(self):
         return "C" if self.n_classes is None else f"C({self.n_classes})"
 
-    def build(self, n_inputs, n_classes, *, generator=None, dtype=torch.float32, device=None):
-        w = torch.randn(n_inputs, n_classes, generator=generator, device=device, dtype=dtype)
-        w = w.clamp(-2.0, 2.0) / math.sqrt(n_inputs)  # truncated normal, std 1/sqrt(n_in)
-        self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(torch.zeros(n_classes, device=device, dtype=dtype))
+    def build(self, n_inputs, n_classes, *, generator=None, dtype=None, device=None):
+        """Create (and, off the ``meta`` device, initialise) the weights."""
+        self.weight = nn.Parameter(torch.empty(n_inputs, n_classes, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(n_classes, device=device, dtype=dtype))
         self.n_inputs = n_inputs
         self.n_classes_ = n_classes
+        if self.weight.device.type != "meta":
+            self.reset_parameters(generator)
+
+    def reset_parameters(self, generator=None):
+        """Truncated normal weights (std ``1/sqrt(n_inputs)``), zero biases."""
+        with torch.no_grad():
+            self.weight.normal_(generator=generator).clamp_(-2.0, 2.0)
+            self.weight.div_(math.sqrt(self.n_inputs))
+            self.bias.zero_()
 
     def forward(self, features):
         """Logits: (N, n_inputs) -> (N, S)."""
@@ -625,12 +728,12 @@ def _make_layer(letter, args, kwargs, token):
     usage = {
         "F": "F(f, stride), F(f) or F (whole input)",
         "P": "P(f, stride) or P(f)",
-        "G": "G(K) or G(K, shared=False)",
+        "G": "G(K), G(K, shared=False), G or G(shared=False)",
         "C": "C(S) or C",
     }[letter]
     allowed_kw = {"F": set(), "P": set(), "G": {"shared"}, "C": set()}[letter]
     max_args = {"F": 2, "P": 2, "G": 1, "C": 1}[letter]
-    min_args = {"F": 0, "P": 1, "G": 1, "C": 0}[letter]
+    min_args = {"F": 0, "P": 1, "G": 0, "C": 0}[letter]
     bad_kw = set(kwargs) - allowed_kw
     if bad_kw or not (min_args <= len(args) <= max_args):
         raise ValueError(f"Malformed layer {token!r}: expected {usage}.")
@@ -652,8 +755,9 @@ def parse_layers(spec):
     spec : str or list
         The paper's notation, layers joined by ``-``:
         ``"F(3,1)-G(25)-F(4,2)-G(25)-F(12,1)-G(25)"``. ``F`` without
-        arguments folds the whole input into one position; ``G(K,
-        shared=False)`` gives every position its own GMM; an optional last
+        arguments folds the whole input into one position; ``G`` without
+        ``K`` takes its number of components when the network is built;
+        ``G(K, shared=False)`` gives every position its own GMM; an optional last
         ``C`` or ``C(S)`` marks the classifier. Or a list of layer objects
         (:class:`Folding`, :class:`MaxPooling`, :class:`ConvGMM`,
         :class:`LinearClassifier`) or of such strings; they are copied.
@@ -667,8 +771,6 @@ def parse_layers(spec):
     ValueError
         For malformed specifications.
     """
-    import copy
-
     if isinstance(spec, str):
         if not spec.strip():
             raise ValueError("The layer specification is empty; e.g. 'F(3,1)-G(25)-F-G(25)'.")
@@ -746,37 +848,61 @@ def format_layers(layers):
 
 # --------------------------------------------------------------------------- #
 # the network                                                                 #
+
+
+# --------------------------------------------------------------------------- #
+# the network                                                                 #
 # --------------------------------------------------------------------------- #
 class DCGMMNet(nn.Module):
-    """A built stack of DCGMM layers.
+    """A built stack of DCGMM layers, with an optional classifier.
 
     Parameters
     ----------
     layers : list of nn.Module
-        Output of :func:`parse_layers` (without the classifier).
+        Output of :func:`parse_layers` (a last :class:`LinearClassifier` marks
+        the classifier).
     input_shape : (int, int, int)
         ``(H, W, C)`` of the input images.
-    generator : torch.Generator, optional
+    n_classes : int, optional
+        Number of classes: builds the classifier (on ``classifier_layers``).
+    classifier_layers : sequence of int, default=(-1,)
+        Indices of the ``G`` layers (bottom-up, negative from the top) whose
+        flattened activities feed the classifier.
     dtype, device : torch dtype and device
     **gmm_options
-        Keyword arguments of :meth:`ConvGMM.build`.
+        Keyword arguments of :meth:`ConvGMM.build` (``n_components`` is the
+        number of components of the ``G`` layers that give none).
+
+    Notes
+    -----
+    Build it with :func:`skdeepmix._torch_utils.build_module` (on the meta
+    device) and initialise it with :meth:`reset_parameters`; off the meta
+    device the layers initialise themselves (from torch's default generator
+    unless ``generator`` is passed to :meth:`reset_parameters`).
+
+    Training (see :meth:`training_losses` and :meth:`make_optimizer`) follows
+    a schedule over ``total_steps`` optimizer steps (:meth:`set_schedule`):
+    ``G`` layer ``g`` (0 at the bottom) starts after the fraction
+    ``min(delay * g, 1)`` of them, and its smoothing width and learning rate
+    anneal either geometrically over the fraction ``annealing`` of its
+    remaining steps or, with ``annealing="plateau"``, by the reference
+    code's plateau rule.
     """
 
-    def __init__(self, layers, input_shape, *, generator=None, dtype=torch.float32,
-                 device=None, **gmm_options):
+    def __init__(self, layers, input_shape, *, n_classes=None, classifier_layers=(-1,),
+                 dtype=None, device=None, **gmm_options):
         super().__init__()
+        spec_classifier = layers[-1] if isinstance(layers[-1], LinearClassifier) else None
+        layers = layers[:-1] if spec_classifier is not None else layers
         self.layers = nn.ModuleList(layers)
         self.input_shape = tuple(input_shape)
         self.shapes = [self.input_shape]
         shape = self.input_shape
         for layer in self.layers:
             if isinstance(layer, ConvGMM):
-                shape = layer.build(shape, generator=generator, dtype=dtype, device=device,
-                                    **gmm_options)
-            elif isinstance(layer, (Folding, MaxPooling)):
+                shape = layer.build(shape, dtype=dtype, device=device, **gmm_options)
+            else:
                 shape = layer.build(shape, device=device)
-            else:  # pragma: no cover - parse_layers guarantees this
-                raise TypeError(f"Unexpected layer {layer!r}.")
             self.shapes.append(shape)
         self.gmm_indices = [i for i, l in enumerate(self.layers) if isinstance(l, ConvGMM)]
         top = self.shapes[-1]
@@ -788,6 +914,79 @@ class DCGMMNet(nn.Module):
             )
         self.classifier = None
         self.classifier_layers = ()
+        if n_classes is not None:
+            self._build_classifier(spec_classifier, n_classes, classifier_layers, dtype, device)
+        self.n_steps = 0
+        self.input_offset, self.input_scale = 0.0, 1.0
+        self.set_schedule(1, 0.0, 1.0)
+        self.register_buffer("loss_sums_", torch.empty(len(self.gmm_indices) + 2, dtype=dtype,
+                                                       device=device), persistent=False)
+
+    def _build_classifier(self, spec_classifier, n_classes, classifier_layers, dtype, device):
+        n_gmm = len(self.gmm_indices)
+        chosen = []
+        for g in classifier_layers:
+            if isinstance(g, bool) or not isinstance(g, int) or not -n_gmm <= g < n_gmm:
+                raise ValueError(
+                    f"classifier_layers={tuple(classifier_layers)!r}: entries must be G-layer "
+                    f"indices in [-{n_gmm}, {n_gmm - 1}] ({format_layers(self.layers)})."
+                )
+            chosen.append(self.gmm_indices[g % n_gmm])
+        chosen = sorted(set(chosen))
+        if spec_classifier is not None and spec_classifier.n_classes not in (None, n_classes):
+            raise ValueError(
+                f"The classifier layer C({spec_classifier.n_classes}) does not match the "
+                f"{n_classes} classes in y."
+            )
+        self.classifier = LinearClassifier(n_classes)
+        n_inputs = sum(math.prod(self.shapes[i + 1]) for i in chosen)
+        self.classifier.build(n_inputs, n_classes, dtype=dtype, device=device)
+        self.classifier_layers = tuple(chosen)
+
+    def reset_parameters(self, generator=None):
+        """Initialise every layer (and the classifier) from ``generator``."""
+        for layer in self.layers:
+            layer.reset_parameters(generator)
+        if self.classifier is not None:
+            self.classifier.reset_parameters(generator)
+        self.n_steps = 0
+        self.loss_sums_ = torch.zeros_like(self.loss_sums_)
+
+    def set_input_range(self, low, high):
+        """Map the inputs' range ``[low, high]`` to ``[0, 1]`` before the first layer.
+
+        The layers' defaults (means initialised near 0, an absolute variance
+        floor, the learning rates) suit data in ``[0, 1]``, as pixels / 255;
+        with the map, data of any scale behave alike. Samples and in-painted
+        values are mapped back, and the first ``G`` layer's log-likelihoods
+        get the map's log-Jacobian, so they are densities of the inputs as given.
+        """
+        self.input_offset = float(low)
+        self.input_scale = float(high - low) if high > low else 1.0
+
+    def _normalize(self, x):
+        if self.input_offset == 0.0 and self.input_scale == 1.0:
+            return x
+        return (x - self.input_offset) / self.input_scale
+
+    def _log_jacobian(self):
+        """Log-Jacobian of the input map per position of the first G layer."""
+        return -self.shapes[self.gmm_indices[0]][2] * math.log(self.input_scale)
+
+    @property
+    def gmm_layers(self):
+        return [self.layers[i] for i in self.gmm_indices]
+
+    def n_parameters(self):
+        """Free parameters of the G layers and the classifier."""
+        n = sum(layer.n_parameters() for layer in self.gmm_layers)
+        if self.classifier is not None:
+            n += self.classifier.weight.numel() + self.classifier.bias.numel()
+        return n
+
+    def spec(self):
+        """The built layers in the paper's notation (``"F(3,1)-G(25)-F-G(25)-C"``)."""
+        return format_layers(self.layers) + ("-C" if self.classifier is not None else "")
 
     # ---------------------------------------------------------------- forward
     def forward_all(self, x, upto=None):
@@ -806,6 +1005,7 @@ class DCGMMNet(nn.Module):
         log_scores : dict {layer index: Tensor (N, H, W, K)}
         """
         outputs, log_scores = [], {}
+        x = self._normalize(x)
         last = len(self.layers) - 1 if upto is None else upto
         for i, layer in enumerate(self.layers[: last + 1]):
             if isinstance(layer, ConvGMM):
@@ -820,81 +1020,194 @@ class DCGMMNet(nn.Module):
     def layer_log_likelihoods(self, x):
         """Max-component log-likelihood (mean over positions) of every G layer: (N, n_G)."""
         _, log_scores = self.forward_all(x)
-        return torch.stack(
+        log_liks = torch.stack(
             [ConvGMM.max_log_likelihood(log_scores[i]) for i in self.gmm_indices], dim=1
         )
+        log_liks[:, 0] += self._log_jacobian()
+        return log_liks
+
+    def log_prob_resp(self, x):
+        """Top G layer's max-component log-likelihood (N,) and the log-posteriors
+        of the classes (after a supervised fit) or of the top layer's components."""
+        outputs, log_scores = self.forward_all(x)
+        top = log_scores[self.gmm_indices[-1]]
+        log_prob = ConvGMM.max_log_likelihood(top)
+        if len(self.gmm_indices) == 1:
+            log_prob = log_prob + self._log_jacobian()
+        if self.classifier is not None:
+            logits = self.classifier(self.classifier_features(outputs))
+        else:
+            logits = top.reshape(x.shape[0], -1)
+        return log_prob, torch.log_softmax(logits, dim=1)
 
     def classifier_features(self, outputs):
         return torch.cat(
             [outputs[i].reshape(outputs[i].shape[0], -1) for i in self.classifier_layers], dim=1
         )
 
-    # --------------------------------------------------------------- training
-    def train_batch(self, x, *, active, lr_factors, y=None, classifier_lr=0.01,
-                    classifier_active=True):
-        """One training step of every active layer on a mini-batch.
+    def class_component_proba(self, x, y, n_classes):
+        """Sums of the top layer's activities per class, (n_classes, K_top), and
+        the class counts (n_classes,): ``p(top component | class)`` once divided."""
+        top = self.gmm_indices[-1]
+        acts = self.forward_all(x, upto=top)[0][top].reshape(x.shape[0], -1)
+        sums = acts.new_zeros(n_classes, acts.shape[1]).index_add_(0, y, acts)
+        counts = torch.bincount(y, minlength=n_classes).to(acts.dtype)
+        return sums, counts
 
-        Each G layer takes one gradient-ascent step on its own (smoothed)
-        loss, given the activities of the layers below (no back-propagation
-        between layers); the classifier takes one SGD step on the
-        cross-entropy of its features.
+    # --------------------------------------------------------------- training
+    def set_schedule(self, total_steps, delay, annealing):
+        """Fix the schedule: ``total_steps`` steps in all, training delays and annealing.
+
+        Parameters
+        ----------
+        total_steps : int
+        delay : float
+            G layer ``g`` (from the bottom) starts after ``min(delay * g, 1)``
+            of the steps; the classifier with the highest layer it reads.
+        annealing : float in (0, 1] or "plateau"
+        """
+        self.total_steps = max(int(total_steps), 1)
+        self.starts = [min(delay * g, 1.0) for g in range(len(self.gmm_indices))]
+        self.annealing = annealing
+
+    def progress(self):
+        """Fraction of the scheduled steps taken (above 1 after a warm start)."""
+        return self.n_steps / self.total_steps
+
+    def active_layers(self):
+        """Per G layer (bottom-up): whether its training delay is over."""
+        progress = self.progress()
+        return [progress >= start for start in self.starts]
+
+    def classifier_active(self):
+        g = max(self.gmm_indices.index(i) for i in self.classifier_layers)
+        return self.progress() >= self.starts[g]
+
+    def annealing_done(self):
+        """Whether every G layer trains with its final smoothing width and learning rate."""
+        if self.annealing == "plateau":
+            return all(layer.sigma <= layer.sigma_min for layer in self.gmm_layers)
+        return all(self.progress() >= start + self.annealing * (1.0 - start)
+                   for start in self.starts)
+
+    def training_losses(self, x, y=None):
+        """Per-sample training losses of a mini-batch (lower is better).
+
+        The sum over the G layers of how far their smoothed log-likelihood
+        lies below the largest one the variance floor allows
+        (:meth:`ConvGMM.log_density_bound`; a constant, so the gradient is that
+        of the negative log-likelihood, but the loss is non-negative and its
+        size measures the fit, which the divergence check of the training
+        loop compares: a log-likelihood can sit near 0), each computed on its
+        *detached* input (so each layer's gradient is that of
+        its own loss: no back-propagation between layers, as in the paper;
+        layers still in their delay contribute values without gradients),
+        plus the classifier's cross-entropy on the detached activities it
+        reads, divided by their mean squared norm (a normalised step: the same
+        ``classifier_learning_rate`` suits one or many input positions).
+        Every layer's log-likelihood and the cross-entropy are accumulated in
+        the ``loss_sums_`` buffer, on the device (no host sync).
 
         Parameters
         ----------
         x : Tensor of shape (N, H, W, C)
-        active : sequence of bool
-            Per G layer (bottom to top): whether its training delay is over.
-        lr_factors : (float, float, float)
         y : LongTensor of shape (N,), optional
-        classifier_lr : float
-        classifier_active : bool
+            Class indices (trains the classifier).
 
         Returns
         -------
-        losses : list of float
-            Batch mean loss of every G layer.
-        clf_loss : float or None
+        losses : Tensor of shape (N,)
         """
-        losses, outputs, g = [], [], 0
+        active = self.active_layers()
+        x = self._normalize(x)
+        losses, sums, outputs, g = [], [], [], 0
         for layer in self.layers:
             if isinstance(layer, ConvGMM):
-                if active[g]:
-                    scores, value = layer.train_step(x, lr_factors)
-                else:
-                    with torch.no_grad():
-                        scores = layer.log_scores(x)
-                    value = float(layer.smoothed_loss(scores).mean())
-                losses.append(value)
+                with torch.set_grad_enabled(active[g] and torch.is_grad_enabled()):
+                    log_lik, scores = layer.training_log_likelihood(x)  # (N,), (N, H, W, K)
+                losses.append(layer.log_density_bound() - log_lik)
+                if active[g] and self.annealing == "plateau":
+                    layer.window_loss_ += log_lik.detach().mean()
+                sums.append(log_lik.detach().sum())
                 x = torch.softmax(scores, dim=-1)
                 g += 1
             else:
-                with torch.no_grad():
-                    x = layer(x)
+                x = layer(x)
             outputs.append(x)
-        clf_loss = None
-        if y is not None and self.classifier is not None and classifier_active:
-            features = self.classifier_features(outputs).detach()
-            params = (self.classifier.weight, self.classifier.bias)
-            with torch.enable_grad():
-                logits = self.classifier(features)
-                loss = torch.nn.functional.cross_entropy(logits, y)
-                grads = torch.autograd.grad(loss, params)
-            # normalised step: divided by the mean squared norm of the features
-            # (bounds the curvature of the cross-entropy), so the same learning
-            # rate suits one or many input positions
-            scale = float(features.pow(2).sum(1).mean().clamp_min(1e-3))
-            with torch.no_grad():
-                for p, grad in zip(params, grads):
-                    p.sub_(grad, alpha=classifier_lr / scale)
-            clf_loss = float(loss.detach())
-        return losses, clf_loss
+        cross_entropy = None
+        if y is not None and self.classifier is not None and self.classifier_active():
+            features = self.classifier_features(outputs)
+            ce = nn.functional.cross_entropy(self.classifier(features), y, reduction="none")
+            losses.append(ce / features.square().sum(1).mean().clamp_min(1e-3))
+            cross_entropy = ce.detach().sum()
+        sums.append(cross_entropy if cross_entropy is not None else sums[-1].new_zeros(()))
+        sums.append(sums[-1].new_tensor(float(x.shape[0])))
+        self.loss_sums_ += torch.stack(sums)
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum(dim=0)
+
+    def make_optimizer(self, learning_rate_factors, classifier_learning_rate, reduce=None):
+        """Plain SGD over every G layer (and the classifier), as the reference code.
+
+        One parameter group per layer and parameter kind (means, square-root
+        precisions, weight logits) with learning rate
+        ``layer learning rate * factor`` (see :meth:`ConvGMM.parameter_groups`),
+        and one for the classifier. A post-step hook (:meth:`after_step`)
+        projects the precisions, advances the schedule and sets the groups'
+        learning rates for the next step.
+
+        Parameters
+        ----------
+        learning_rate_factors : (float, float, float)
+        classifier_learning_rate : float
+        reduce : callable, optional
+            Sums a Python float over the processes (plateau annealing under
+            torch.distributed).
+
+        Returns
+        -------
+        optimizer : torch.optim.SGD
+        """
+        groups = []
+        for layer in self.gmm_layers:
+            groups += layer.parameter_groups(learning_rate_factors)
+        if self.classifier is not None:
+            groups.append({"params": list(self.classifier.parameters()),
+                           "lr": float(classifier_learning_rate)})
+        optimizer = torch.optim.SGD(groups, lr=float(classifier_learning_rate))
+        self._apply_schedule(optimizer)
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step(opt, reduce))
+        return optimizer
+
+    def after_step(self, optimizer, reduce=None):
+        """Post-step hook: precision projection, step counts, annealing, learning rates."""
+        active = self.active_layers()
+        for layer, is_active in zip(self.gmm_layers, active):
+            layer.project_()
+            if is_active:
+                layer.n_updates += 1
+                if self.annealing == "plateau":
+                    layer.end_window_step(reduce)
+        self.n_steps += 1
+        self._apply_schedule(optimizer)
+
+    def _apply_schedule(self, optimizer):
+        if self.annealing != "plateau":
+            progress = self.progress()
+            for layer, start in zip(self.gmm_layers, self.starts):
+                if progress >= start:
+                    span = max(self.annealing * (1.0 - start), 1e-12)
+                    layer.set_annealing((progress - start) / span)
+        for group in optimizer.param_groups:
+            layer = group.get("dcgmm_layer")
+            if layer is not None:
+                group["lr"] = layer.group_learning_rate(group["factor"])
 
     # --------------------------------------------------------------- sampling
     def _sharpen(self, index, x, target, iterations, rate, fixed=None):
         """Gradient ascent on the input of layer ``index`` towards G layer ``target``.
 
         The step is ``rate`` divided by the largest curvature of the target's
-        loss with respect to one input element (precision bound x overlaps /
+        loss with respect to one input element (largest precision x overlaps /
         positions), so that ``rate < 2`` is stable.
         """
         target_layer = self.layers[target]
@@ -902,9 +1215,7 @@ class DCGMMNet(nn.Module):
         for layer in self.layers[index:target]:
             if isinstance(layer, (Folding, MaxPooling)):
                 overlap *= layer.max_overlap
-        step = rate * target_layer.n_positions / (target_layer.precision_bound * overlap)
-        with torch.no_grad():
-            statistics = target_layer._statistics()
+        step = rate * target_layer.n_positions / (target_layer.max_precision * overlap)
         x = x.detach().clone()
         if fixed is not None:
             known_mask, known_values = fixed
@@ -915,8 +1226,7 @@ class DCGMMNet(nn.Module):
                 h = x
                 for layer in self.layers[index:target]:
                     h = layer(h)
-                objective = ConvGMM.max_log_likelihood(
-                    target_layer.log_scores(h, statistics)).sum()
+                objective = ConvGMM.max_log_likelihood(target_layer.log_scores(h)).sum()
                 (grad,) = torch.autograd.grad(objective, x)
                 with torch.no_grad():
                     x = x + step * grad
@@ -925,7 +1235,7 @@ class DCGMMNet(nn.Module):
         return x.detach()
 
     def backwards(self, start, control, *, generator=None, n_samples=None, top_s=3,
-                  sampling_divisor=20.0, sharpening_iterations=0, sharpening_rate=0.5,
+                  sampling_divisor=20.0, sharpening_iter=0, sharpening_rate=0.5,
                   fixed=None):
         """Run the backward (sampling) mode from layer ``start`` down to the input.
 
@@ -937,7 +1247,7 @@ class DCGMMNet(nn.Module):
             Top-S selection, for all G layers or per G layer (bottom-up).
         control : Tensor of shape (N, H, W, K) or None
             Control signal for layer ``start`` (``None``: its mixture weights).
-        sharpening_iterations, sharpening_rate
+        sharpening_iter, sharpening_rate
             Gradient sharpening after every folding/pooling layer, towards the
             next G layer above it.
         fixed : (BoolTensor, Tensor) of shape (N, H, W, C), optional
@@ -951,6 +1261,8 @@ class DCGMMNet(nn.Module):
         """
         t = control
         top_components = None
+        if fixed is not None:
+            fixed = (fixed[0], self._normalize(fixed[1]))
         if isinstance(top_s, (list, tuple)):
             per_layer = dict(zip(self.gmm_indices, top_s))
         else:
@@ -964,10 +1276,10 @@ class DCGMMNet(nn.Module):
                     top_components = z.reshape(z.shape[0], -1)[:, 0]
             else:
                 t = layer.backwards(t)
-                if sharpening_iterations > 0:
+                if sharpening_iter > 0:
                     target = next(j for j in self.gmm_indices if j > i)
-                    t = self._sharpen(i, t, target, sharpening_iterations, sharpening_rate,
+                    t = self._sharpen(i, t, target, sharpening_iter, sharpening_rate,
                                       fixed=fixed if i == 0 else None)
         if fixed is not None:
             t = torch.where(fixed[0], fixed[1], t)
-        return t, top_components
+        return t * self.input_scale + self.input_offset, top_components
