@@ -556,8 +556,11 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         classes = None
         yt = None
         if y is not None:
-            classes, y_index = np.unique(y, return_inverse=True)
-            yt = torch.as_tensor(y_index, device=device)
+            # the classes of all the shards: a shard may lack some
+            classes = np.unique(np.concatenate(
+                [np.asarray(c) for c in _distributed.all_gather_object(np.unique(y))]
+            )) if partition.active else np.unique(y)
+            yt = torch.as_tensor(np.searchsorted(classes, y), device=device)
         weights = None
         if sample_weight is not None:
             weights = to_tensor(sample_weight, device, self._torch_dtype())

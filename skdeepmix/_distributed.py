@@ -39,6 +39,7 @@ __all__ = [
     "gradient_sync_enabled",
     "sync_gradients",
     "broadcast_object",
+    "all_gather_object",
 ]
 
 _DISABLED = contextvars.ContextVar("skdeepmix_distributed_disabled", default=False)
@@ -145,6 +146,15 @@ def broadcast_object(obj, src=0):
     objects = [_to_cpu(obj) if rank() == src else None]
     torch.distributed.broadcast_object_list(objects, src=src)
     return _like(objects[0], obj)
+
+
+def all_gather_object(obj):
+    """The list of every rank's ``obj`` (``[obj]`` for one process)."""
+    if not is_distributed():
+        return [obj]
+    objects = [None] * world_size()
+    torch.distributed.all_gather_object(objects, _to_cpu(obj))
+    return objects
 
 
 def _to_cpu(value):

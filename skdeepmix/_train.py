@@ -34,6 +34,7 @@ __all__ = [
     "TrainingDivergedError",
     "Progress",
     "iter_minibatches",
+    "count_batches",
     "make_optimizer",
     "train_epoch",
     "train_step",
@@ -299,7 +300,9 @@ def _check_training(optimizer, mean_loss, first_loss, phase, owner):
     params = [p for group in optimizer.param_groups for p in group["params"]]
     finite_params = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) \
         if params else True
-    blew_up = math.isfinite(first_loss) and mean_loss > first_loss + 10.0 * (abs(first_loss) + 1.0)
+    # a blow-up is a rise of two orders of magnitude of the loss's scale within
+    # one epoch (a learning rate far too large), not the noise of a small batch
+    blew_up = math.isfinite(first_loss) and mean_loss > first_loss + 100.0 * max(abs(first_loss), 1.0)
     if math.isfinite(mean_loss) and finite_params and not blew_up:
         return
     rate = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
