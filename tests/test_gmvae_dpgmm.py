@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -331,3 +332,19 @@ def test_any_data_scale_trains_like_unit_scale(scale):
     assert adjusted_rand_score(unit.predict(X), scaled.predict(X * scale)) > 0.99
     np.testing.assert_allclose(scaled.score_samples(X * scale),
                                unit.score_samples(X) - X.shape[1] * np.log(scale), rtol=1e-3)
+
+
+def test_default_fit_on_digits_converges_to_about_ten_clusters():
+    """The defaults (truncation 30): no ConvergenceWarning, and a cluster count
+    near the 10 classes (benchmarks/validate_gmvae_dpgmm.py has the 3 data sets x 3 seeds)."""
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import normalized_mutual_info_score
+
+    X, y = load_digits(return_X_y=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = GMVAEDPGMM(random_state=0).fit(X / 16.0)
+    assert est.converged_ and est.n_iter_ < est.max_iter
+    assert 8 <= est.n_components_ <= 12, est.n_components_
+    assert normalized_mutual_info_score(y, est.predict(X / 16.0)) > 0.65
