@@ -356,7 +356,7 @@ def negative_elbo(model, prior, x, generator, tau=1.0, gumbel="soft", beta=1.0):
         log_qy = F.log_softmax(logits, -1)
         w = log_qy.exp() if gumbel == "none" else gumbel_softmax(
             logits, tau, generator, hard=gumbel == "hard")
-    eps = torch.randn(m.shape, generator=generator, device=generator.device).to(m)
+    eps = torch.randn(m.shape, generator=generator, device=generator.device, dtype=m.dtype)
     z = m + v.sqrt() * eps
     rec = model.log_likelihood(x, model.decode(z))
     entropy_z = 0.5 * (logv + 1.0 + LOG_2PI).sum(-1)
@@ -479,25 +479,30 @@ def component_statistics(m, resp, v=None, partition=None, covariance_type="full"
         ``sum_n r_nk m_n / counts`` (0 for an empty component).
     scatter : (K, d, d) or (K, d)
         ``sum_n r_nk (m_n - means_k)(m_n - means_k)^T`` (+ ``diag(sum_n r_nk v_n)``),
-        exactly centred, accumulated over row chunks.
+        centred on the component means ('full': exactly, over row chunks;
+        'diag': from one product with the codes centred on their mean).
     """
     n, d = m.shape
     K = resp.shape[1]
     counts, sums = _reduce(partition, resp.sum(0), resp.T @ m)
     means = sums / counts.clamp_min(torch.finfo(m.dtype).tiny)[:, None]
     full = covariance_type == "full"
-    scatter = m.new_zeros((K, d, d) if full else (K, d))
-    for rows in iter_row_chunks(n, chunk_rows(K * d)):
-        diff = m[rows, None, :] - means  # (rows, K, d)
-        if full:
-            weighted = diff * resp[rows, :, None].sqrt()
+    if full:
+        scatter = m.new_zeros((K, d, d))
+        for rows in iter_row_chunks(n, chunk_rows(K * d)):
+            weighted = (m[rows, None, :] - means) * resp[rows, :, None].sqrt()  # (rows, K, d)
             scatter += torch.einsum("nkd,nke->kde", weighted, weighted)
-        else:
-            scatter += torch.einsum("nk,nkd->kd", resp[rows], diff.square())
+    else:
+        # one product with the squares of the codes centred on their overall mean:
+        # sum_n r (m - mu_k)^2 = r^T (m - c)^2 - counts (mu_k - c)^2
+        center = sums.sum(0) / counts.sum().clamp_min(torch.finfo(m.dtype).tiny)
+        scatter = resp.T @ (m - center).square()
     if v is not None:
         diag = resp.T @ v
         scatter = scatter + (torch.diag_embed(diag) if full else diag)
     (scatter,) = _reduce(partition, scatter)
+    if not full:
+        scatter = (scatter - counts[:, None] * (means - center).square()).clamp_min(0.0)
     return counts, means, scatter
 
 
