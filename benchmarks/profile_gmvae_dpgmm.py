@@ -202,6 +202,28 @@ def report(jsonl, out):
                     + " | ".join([""] * (len(rows) - 1))
                     + f" {r['elbo_samples_per_s'] / first['elbo_samples_per_s']:.2f}x |")
         lines.append("")
+    lines += [
+        "## What changed between `before` and `after`",
+        "",
+        "* `before`: commit b72a4cf (the defaults chosen in `defaults_gmvae_dpgmm.md`), "
+        "exported with `git archive` and profiled back to back with `after`.",
+        "* Optimizer steps: `make_optimizer` uses torch's fused Adam/AdamW/SGD (one kernel "
+        "for all parameters instead of a Python loop of ~10 elementwise kernels per "
+        "parameter tensor).",
+        "* Prior statistics: the diagonal components' scatter comes from one matrix "
+        "product of the responsibilities with the squared, centred codes, instead of a "
+        "`(rows, K, d)` temporary per chunk (it runs ~100 times in the initial DP fit).",
+        "* ELBO noise drawn directly in the compute dtype (no float32 draw + cast per batch).",
+        "* Per-batch host syncs: none in the estimator's code (the training loop reads the "
+        "epoch loss once); the remaining syncs are once per epoch (divergence checks, "
+        "active-cluster count).",
+        "",
+        "Remaining hot spot outside this estimator's files: "
+        "`DirichletProcessGMM._mahalanobis` (`nn/dpgmm.py`, called by `expected_log_prob` "
+        "for every mini-batch) loops over the components in Python (about 10 % of a "
+        "default digits fit after the changes above, by cProfile); a vectorised "
+        "`_gaussian.log_gaussian_prob(..., X_var=...)` there would remove it.",
+    ]
     Path(out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
