@@ -137,7 +137,8 @@ def report(jsonl, out):
         f"Machine: {platform.machine()} CPU, 1 torch thread per run (`OMP_NUM_THREADS=1`, "
         "`nice -n 10`), other jobs sharing the 2 cores: times are noisy.",
         "",
-        "| data (classes) | config | params | seed | K | used | NMI | CS | epochs | warn | time (s) |",
+        "| data (classes) | config | params | seed | K | used | NMI | CS | epochs | warn "
+        "| time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"defaults": 0}

@@ -1,4 +1,7 @@
-"""Tests of GMVAEDPGMM and its torch DP-GMM (run: OMP_NUM_THREADS=1 pytest tests/test_gmvae_dpgmm.py)."""
+"""Tests of GMVAEDPGMM and its latent prior.
+
+Run: OMP_NUM_THREADS=1 pytest tests/test_gmvae_dpgmm.py
+"""
 
 import copy
 import pickle
