@@ -174,7 +174,9 @@ def report(jsonl, out):
         "the time shares and the speed-ups of runs made back to back are what to read.",
         "",
         "Shares: exclusive wall-clock time of each part (a part called inside another "
-        "is counted once), in % of the whole fit.",
+        "is counted once), in % of the whole fit. Throughput is per epoch, so it does "
+        "not depend on how many epochs a fit took (the fused optimizer's different "
+        "rounding changes the trajectory, and with it the epoch at which a fit converges).",
         "",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -193,13 +195,11 @@ def report(jsonl, out):
         for part in PARTS:
             lines.append(f"| {part} (%) | " + " | ".join(
                 f"{100 * r['parts_s'][part] / r['total_s']:.1f}" for r in rows) + " |")
-        if len(rows) > 1:
-            first = rows[0]
-            for r in rows[1:]:
-                lines.append(
-                    f"| speed-up {r['label']} / {first['label']}: ELBO samples/s | "
-                    + " | ".join([""] * (len(rows) - 1))
-                    + f" {r['elbo_samples_per_s'] / first['elbo_samples_per_s']:.2f}x |")
+        first = rows[0]
+        for key, what in (("pretrain_samples_per_s", "pre-training"),
+                          ("elbo_samples_per_s", "ELBO epoch")):
+            lines.append(f"| speed-up of {what} samples/s over {first['label']} | " + " | ".join(
+                f"{r[key] / first[key]:.2f}x" for r in rows) + " |")
         lines.append("")
     lines += [
         "## What changed between `before` and `after`",

@@ -132,10 +132,20 @@ def report(jsonl, out):
         "told the number of classes.",
         "",
         "Data: `digits` = `load_digits` / 16, 1 257 fit / 540 validation (stratified "
-        "split, seed 0); `mnist` = MNIST training digits, n_fit fit / 5 000 validation "
+        "split, seed 0); `mnist` = MNIST training digits, 10 000 fit (`--n-train`) / "
+        "5 000 validation "
         "(other training digits); `mnist5` = the same for the classes 0-4 only. "
         f"Machine: {platform.machine()} CPU, 1 torch thread per run (`OMP_NUM_THREADS=1`, "
         "`nice -n 10`), other jobs sharing the 2 cores: times are noisy.",
+        "",
+        "Commands (the seeds of a data set may run as separate processes appending to "
+        "the same JSON-lines file):",
+        "",
+        "```",
+        "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/validate_gmvae_dpgmm.py \\",
+        "    --datasets digits mnist mnist5 --seeds 0 1 2 --baseline",
+        "python benchmarks/validate_gmvae_dpgmm.py --report",
+        "```",
         "",
         "| data (classes) | config | params | seed | K | used | NMI | CS | epochs | warn "
         "| time (s) |",
