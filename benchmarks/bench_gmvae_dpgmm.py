@@ -78,7 +78,7 @@ def common(args, latent, seed):
         latent_dim=latent,
         encoder_sizes=tuple(args.hidden),
         max_iter=args.epochs,
-        pretrain_epochs=args.pretrain_epochs,
+        pretrain_iter=args.pretrain_epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         tol=0.0,
@@ -108,7 +108,7 @@ def run_one(method, latent, seed, data, args, curves=False):
         if key not in _VAE_CACHE:
             vae = GMVAEDPGMM(
                 n_components=1, prior_update="none",
-                **{**kw, "pretrain_epochs": 0, "max_iter": args.epochs + args.pretrain_epochs},
+                **{**kw, "pretrain_iter": 0, "max_iter": args.epochs + args.pretrain_epochs},
             ).fit(Xtr)
             _VAE_CACHE[key] = (vae.transform(Xtr), vae.transform(Xte), time.perf_counter() - t0)
         Ztr, Zte, vae_time = _VAE_CACHE[key]

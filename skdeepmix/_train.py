@@ -172,7 +172,9 @@ def make_optimizer(name, parameters, learning_rate):
     """Build a torch optimizer by name ('adam', 'adamw', 'sgd', 'rmsprop').
 
     ``parameters`` may be a list of tensors or of param-group dicts (e.g.
-    with per-group ``lr``).
+    with per-group ``lr``). Adam, AdamW and SGD use torch's fused
+    implementation (one kernel for all parameters; several times faster than
+    the per-tensor loop on a CPU) where the parameters' device supports it.
     """
     optimizers = {
         "adam": torch.optim.Adam,
@@ -182,6 +184,12 @@ def make_optimizer(name, parameters, learning_rate):
     }
     if name not in optimizers:
         raise ValueError(f"Unknown optimizer {name!r}; choose from {sorted(optimizers)}.")
+    parameters = list(parameters)
+    if name != "rmsprop":  # torch has no fused RMSprop
+        try:
+            return optimizers[name](parameters, lr=learning_rate, fused=True)
+        except RuntimeError:  # a device without a fused kernel
+            pass
     return optimizers[name](parameters, lr=learning_rate)
 
 

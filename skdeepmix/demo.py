@@ -72,7 +72,7 @@ _DEEP_MODELS = [
      {"layers": "F(3,1)-G(25)-F-G(25)", "image_shape": (8, 8), "max_iter": 30}),
     ("GMVAEDPGMM (truncation 20) [IW estimate]", "skdeepmix.gmvae_dpgmm", "GMVAEDPGMM",
      {"n_components": 20, "encoder_sizes": (256, 256), "batch_size": 64,
-      "pretrain_epochs": 20, "max_iter": 40, "tol": 0.0}),
+      "pretrain_iter": 20, "max_iter": 40, "tol": 0.0}),
 ]
 
 

@@ -29,10 +29,20 @@ marginalised exactly (``gumbel='none'``), which is cheap here because the
 decoder does not depend on ``y``.
 
 The prior ``p(z|y) p(y)`` is any object with ``expected_log_prob(m, v)``
-(``(n, K)``), ``log_weights()`` (``(K,)``) and ``point_log_prob(z)``; see
+(``(n, K)``), ``log_weights()`` (``(K,)``), ``weights()``, ``point_log_prob(z)``,
+``means``, ``precisions_cholesky`` and ``covariance_type``; see
 :class:`GaussianMixturePrior` (learnable fixed-K prior) and
 :class:`~skdeepmix.nn.dpgmm.DirichletProcessGMM` (variational DP prior).
+
+The second half of the module fits such a prior to latent codes from
+statistics summed over all the rows, also when the rows are split over
+``torch.distributed`` processes (``partition``, see
+:class:`~skdeepmix._distributed.RowPartition`; ``None`` means all rows are
+here): the data-dependent priors (:func:`set_data_priors`), the DP's M-step
+(:func:`update_prior`), its coordinate-ascent fit (:func:`fit_prior`) and the
+initialisation of the fixed-K prior (:func:`init_mixture_prior`).
 """
+
 
 from __future__ import annotations
 
@@ -42,6 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._gaussian import LOG_2PI, log_gaussian_prob, sample_gaussian
+from .._torch_utils import chunk_rows, init_layers_, iter_row_chunks
+
 __all__ = [
     "GMVAE",
     "GaussianMixturePrior",
@@ -49,9 +62,14 @@ __all__ = [
     "negative_elbo",
     "pretrain_loss",
     "importance_weighted_log_likelihood",
+    "sample",
+    "column_moments",
+    "set_data_priors",
+    "component_statistics",
+    "update_prior",
+    "fit_prior",
+    "init_mixture_prior",
 ]
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def _mlp(sizes, activation):
@@ -96,15 +114,28 @@ class GaussianMixturePrior(nn.Module):
     latent_dim : int
     """
 
+    covariance_type = "diag"
+
     def __init__(self, n_components, latent_dim):
         super().__init__()
         self.n_components = n_components
-        self.means = nn.Parameter(torch.zeros(n_components, latent_dim))
-        self.log_vars = nn.Parameter(torch.zeros(n_components, latent_dim))
+        self.means = nn.Parameter(torch.empty(n_components, latent_dim))
+        self.log_vars = nn.Parameter(torch.empty(n_components, latent_dim))
+
+    def reset_parameters(self, generator=None):
+        """Standard-normal components at the origin (set from data by
+        :func:`init_mixture_prior`)."""
+        with torch.no_grad():
+            self.means.zero_()
+            self.log_vars.zero_()
 
     @property
     def covariances(self):
         return self.log_vars.exp()
+
+    @property
+    def precisions_cholesky(self):
+        return torch.exp(-0.5 * self.log_vars)
 
     def log_weights(self):
         return self.means.new_full((self.n_components,), -math.log(self.n_components))
@@ -114,12 +145,7 @@ class GaussianMixturePrior(nn.Module):
 
     def expected_log_prob(self, m, v=None):
         """``E_{N(z; m, diag v)}[log N(z | mu_k, diag sigma_k^2)]``, shape (n, K)."""
-        lv = self.log_vars
-        inv = torch.exp(-lv)
-        sq = (m**2) @ inv.T - 2 * m @ (self.means * inv).T + ((self.means**2) * inv).sum(1)
-        if v is not None:
-            sq = sq + v @ inv.T
-        return -0.5 * (m.shape[1] * _LOG_2PI + lv.sum(1) + sq)
+        return log_gaussian_prob(m, self.means, self.precisions_cholesky, "diag", X_var=v)
 
     def point_log_prob(self, z):
         return self.expected_log_prob(z) + self.log_weights()
@@ -127,6 +153,12 @@ class GaussianMixturePrior(nn.Module):
 
 class GMVAE(nn.Module):
     """GMVAE networks: MLP encoder, cluster head, latent head and decoder.
+
+    Inputs are standardised before the encoder, ``(x - shift) / scale``
+    (buffers set by :meth:`set_input_scaling`; identity by default). With the
+    Gaussian likelihood the decoder models the standardised data and
+    :meth:`log_likelihood` / :meth:`mean` map back to the data's units, so any
+    scale of the data trains like unit-scale data.
 
     Parameters
     ----------
@@ -142,7 +174,9 @@ class GMVAE(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> net = GMVAE(784, 10, 20, (64,), (64,))
+    >>> from skdeepmix._torch_utils import build_module
+    >>> g = torch.Generator().manual_seed(0)
+    >>> net = build_module(lambda: GMVAE(784, 10, 20, (64,), (64,)), g, "cpu", torch.float32)
     >>> h = net.encode(torch.rand(5, 784))
     >>> m, logv = net.q_z(h)
     >>> net.decode(m).shape
@@ -173,15 +207,63 @@ class GMVAE(nn.Module):
         self.z_head = nn.Linear(h_dim + (n_components if self.z_given_y else 0), 2 * latent_dim)
         dec = [latent_dim, *decoder_sizes]
         self.decoder = nn.Sequential(_mlp(dec, nn.ReLU), nn.Linear(dec[-1], n_features))
-        self.log_scale = nn.Parameter(torch.zeros(n_features))
-        if not self.z_given_y:
-            # residual head starts at zero: q(y|x) starts as the prior posterior
-            nn.init.zeros_(self.y_head.weight)
-            nn.init.zeros_(self.y_head.bias)
+        self.log_scale = nn.Parameter(torch.empty(n_features))
+        self.register_buffer("shift", torch.empty(n_features))
+        self.register_buffer("scale", torch.empty(()))
+
+    def reset_parameters(self, generator):
+        """torch's default layer initialisation drawn from ``generator``; the
+        residual cluster head starts at zero (``z_given_y=False``: ``q(y|x)``
+        starts as the prior posterior), unit decoder scale, no input scaling."""
+        init_layers_(self, generator)
+        with torch.no_grad():
+            if not self.z_given_y:
+                self.y_head.weight.zero_()
+                self.y_head.bias.zero_()
+            self.log_scale.zero_()
+            self.shift.zero_()
+            self.scale.fill_(1.0)
+
+    def set_input_scaling(self, shift, scale):
+        """Standardise inputs by ``(x - shift) / scale`` (scale: a scalar)."""
+        with torch.no_grad():
+            self.shift.copy_(shift)
+            self.scale.copy_(scale)
+
+    def fit_noise_scale(self, squared_residuals):
+        """Set the Gaussian decoder's per-feature scale to the root mean squared
+        residuals (of the standardised data), e.g. those of the pre-trained
+        auto-encoder, so that the ELBO starts with a reconstruction term of the
+        right weight whatever the data's units."""
+        with torch.no_grad():
+            floor = torch.finfo(squared_residuals.dtype).tiny
+            self.log_scale.copy_(0.5 * torch.log(squared_residuals.clamp_min(floor)))
+
+    def squared_residuals(self, x):
+        """Squared residuals of the standardised data at the decoded code means
+        (the Gaussian decoder's errors), shape (n, n_features)."""
+        return ((x - self.shift) / self.scale - self.decode(self.code_means(x))).square()
+
+    def set_code_variance(self, variance):
+        """Start ``q(z|x)`` with the variances ``variance`` (shape (latent_dim,))
+        for every ``x``: the pre-trained auto-encoder only trained the means."""
+        with torch.no_grad():
+            d = self.latent_dim
+            self.z_head.weight[d:].zero_()
+            self.z_head.bias[d:].copy_(torch.log(variance))
+
+    def code_means(self, x):
+        """Means of ``q(z|x)`` (with a uniform ``y`` when ``z_given_y``): the
+        auto-encoder's codes, shape (n, latent_dim)."""
+        h = self.encode(x)
+        y = None
+        if self.z_given_y:
+            y = x.new_full((x.shape[0], self.n_components), 1.0 / self.n_components)
+        return self.q_z(h, y)[0]
 
     def encode(self, x):
         """Encoder features ``h`` of shape (n, h_dim)."""
-        return self.encoder(x)
+        return self.encoder((x - self.shift) / self.scale)
 
     def q_z(self, h, y=None):
         """Mean and log-variance of ``q(z|x[,y])``, each of shape (n, latent_dim)."""
@@ -193,19 +275,26 @@ class GMVAE(nn.Module):
         return m, logv.clamp(-12.0, 8.0)
 
     def decode(self, z):
-        """Decoder output (Bernoulli logits or Gaussian means), shape (n, n_features)."""
+        """Decoder output (Bernoulli logits, or Gaussian means of the
+        standardised data), shape (n, n_features)."""
         return self.decoder(z)
 
     def mean(self, out):
-        """Mean of ``p(x|z)`` from the decoder output."""
-        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+        """Mean of ``p(x|z)`` (in the data's units) from the decoder output."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(out)
+        return out * self.scale + self.shift
 
     def log_likelihood(self, x, out):
         """``log p(x|z)`` summed over features, shape (n,)."""
         if self.likelihood == "bernoulli":
             return -F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(-1)
-        log_scale = self.log_scale.clamp(-7.0, 5.0)
-        return -0.5 * (((x - out) * torch.exp(-log_scale)) ** 2 + 2 * log_scale + _LOG_2PI).sum(-1)
+        # N(x; mean(out), diag (scale * sigma)^2): the residual under N(0, sigma^2)
+        residual = (x - self.shift) / self.scale - out
+        precision_cholesky = torch.exp(-self.log_scale.clamp(-7.0, 5.0))[None]
+        log_prob = log_gaussian_prob(residual, residual.new_zeros(precision_cholesky.shape),
+                                     precision_cholesky, "diag")[:, 0]
+        return log_prob - x.shape[-1] * torch.log(self.scale)
 
     def cluster_logits(self, h, prior, m=None, v=None):
         """Logits of ``q(y|x)`` of shape (n, K) (see the module docstring)."""
@@ -250,13 +339,12 @@ def negative_elbo(model, prior, x, generator, tau=1.0, gumbel="soft", beta=1.0):
         Weight of the KL terms.
     """
     h = model.encode(x)
+    log_weights = prior.log_weights()
     if model.z_given_y:
         logits = model.cluster_logits(h, prior)
         log_qy = F.log_softmax(logits, -1)
-        if gumbel == "none":
-            w = log_qy.exp()
-        else:
-            w = gumbel_softmax(logits, tau, generator, hard=gumbel == "hard")
+        w = log_qy.exp() if gumbel == "none" else gumbel_softmax(
+            logits, tau, generator, hard=gumbel == "hard")
         m, logv = model.q_z(h, w)
         v = logv.exp()
         elp = prior.expected_log_prob(m, v)
@@ -264,47 +352,233 @@ def negative_elbo(model, prior, x, generator, tau=1.0, gumbel="soft", beta=1.0):
         m, logv = model.q_z(h)
         v = logv.exp()
         elp = prior.expected_log_prob(m, v)
-        logits = elp + prior.log_weights() + model.y_head(h)
+        logits = elp + log_weights + model.y_head(h)
         log_qy = F.log_softmax(logits, -1)
-        if gumbel == "none":
-            w = log_qy.exp()
-        else:
-            w = gumbel_softmax(logits, tau, generator, hard=gumbel == "hard")
-    eps = torch.randn(m.shape, generator=generator, device=generator.device).to(m)
+        w = log_qy.exp() if gumbel == "none" else gumbel_softmax(
+            logits, tau, generator, hard=gumbel == "hard")
+    eps = torch.randn(m.shape, generator=generator, device=generator.device, dtype=m.dtype)
     z = m + v.sqrt() * eps
     rec = model.log_likelihood(x, model.decode(z))
-    entropy_z = 0.5 * (logv + 1.0 + _LOG_2PI).sum(-1)
+    entropy_z = 0.5 * (logv + 1.0 + LOG_2PI).sum(-1)
     cross_z = -(w * elp).sum(-1)
-    kl_y = (log_qy.exp() * (log_qy - prior.log_weights())).sum(-1)
+    kl_y = (log_qy.exp() * (log_qy - log_weights)).sum(-1)
     return -rec + beta * (cross_z - entropy_z + kl_y)
 
 
 def pretrain_loss(model, x):
     """Auto-encoder reconstruction loss (VaDE-style pre-training), shape (n,)."""
-    h = model.encode(x)
-    if model.z_given_y:
-        y = x.new_full((x.shape[0], model.n_components), 1.0 / model.n_components)
-        m, _ = model.q_z(h, y)
-    else:
-        m, _ = model.q_z(h)
-    return -model.log_likelihood(x, model.decode(m))
+    return -model.log_likelihood(x, model.decode(model.code_means(x)))
 
 
-def importance_weighted_log_likelihood(model, prior, x, eps):
+def importance_weighted_log_likelihood(model, prior, x, m, v, eps):
     """Importance-weighted estimate of ``log p(x)`` (Burda et al. 2016), shape (n,).
 
-    ``log p(x) ~= log 1/S sum_s p(x|z_s) p(z_s) / q(z_s|x)`` with ``z_s`` drawn
-    from the encoder's Gaussian and ``p(z)`` the prior mixture at its point
-    estimates. ``eps`` of shape (S, latent_dim) are standard-normal draws shared
-    by all rows (so that each row's estimate depends on that row only).
+    ``log p(x) ~= log 1/S sum_s p(x|z_s) p(z_s) / q(z_s|x)`` with
+    ``z_s = m + sqrt(v) eps_s`` drawn from the encoder's Gaussian
+    ``q(z|x) = N(m, diag v)`` and ``p(z)`` the prior mixture at its point
+    estimates. ``eps`` of shape (S, latent_dim) are standard-normal draws
+    shared by all rows, so that each row's estimate depends on that row only.
     """
-    m, v, _ = model.infer(x, prior)
-    std = v.sqrt()
     n, S = x.shape[0], eps.shape[0]
+    std = v.sqrt()
     z = m[:, None, :] + std[:, None, :] * eps[None, :, :]  # (n, S, d)
-    log_q = -0.5 * (eps**2 + _LOG_2PI).sum(-1)[None, :] - torch.log(std).sum(-1)[:, None]
+    # log N(z_s; m, diag v) = log N(eps_s; 0, I) - sum log std
+    standard = log_gaussian_prob(eps, eps.new_zeros(1, eps.shape[1]),
+                                 eps.new_ones(1, eps.shape[1]), "diag")[:, 0]
+    log_q = standard[None, :] - torch.log(std).sum(-1)[:, None]
     flat = z.reshape(n * S, -1)
     log_pz = torch.logsumexp(prior.point_log_prob(flat), -1).reshape(n, S)
-    out = model.decode(flat)
-    log_px = model.log_likelihood(x.repeat_interleave(S, 0), out).reshape(n, S)
+    log_px = model.log_likelihood(x.repeat_interleave(S, 0), model.decode(flat)).reshape(n, S)
     return torch.logsumexp(log_px + log_pz - log_q, 1) - math.log(S)
+
+
+def sample(model, prior, n_samples, generator, active_threshold=0.0):
+    """Draw ``y ~ pi``, ``z ~ p(z|y)``, ``x`` = the decoder mean.
+
+    Clusters are drawn among those whose weight exceeds ``active_threshold``
+    (renormalised), so that the truncated tail of a stick-breaking prior does
+    not produce off-data samples.
+
+    Returns
+    -------
+    X : Tensor of shape (n_samples, n_features)
+    y : LongTensor of shape (n_samples,)
+    """
+    weights = prior.weights()
+    active = weights > active_threshold
+    if bool(active.any()):
+        weights = torch.where(active, weights, torch.zeros_like(weights))
+    y = torch.multinomial(weights.to(generator.device), n_samples, replacement=True,
+                          generator=generator).to(weights.device)
+    z = sample_gaussian(prior.means, prior.precisions_cholesky, prior.covariance_type, y,
+                        generator)
+    return model.mean(model.decode(z)), y
+
+
+# ----------------------------------------------------------------------
+# fitting a prior to latent codes, from statistics over all processes' rows
+def _reduce(partition, *tensors):
+    if partition is not None:
+        partition.sum(*tensors)
+    return tensors
+
+
+def _n_total(partition, n_local):
+    return n_local if partition is None else partition.n_total
+
+
+def column_moments(x, partition=None):
+    """Mean and (biased) variance of every column over all processes' rows."""
+    n = _n_total(partition, x.shape[0])
+    (total,) = _reduce(partition, x.sum(0))
+    mean = total / n
+    (scatter,) = _reduce(partition, (x - mean).square().sum(0))
+    return mean, scatter / n
+
+
+def set_data_priors(prior, m, v=None, partition=None):
+    """Set a DP prior's data-dependent priors as scikit-learn does, on all rows.
+
+    ``mean_prior`` is the mean of the codes ``m`` and ``covariance_prior``
+    their unbiased (``ddof=1``) covariance (``'full'``) or variance
+    (``'diag'``), plus the mean of the code variances ``v`` (the covariance of
+    the mixture of the codes' Gaussians).
+    """
+    n = _n_total(partition, m.shape[0])
+    (total,) = _reduce(partition, m.sum(0))
+    mean = total / n
+    centred = m - mean
+    full = prior.covariance_type == "full"
+    scatter = centred.T @ centred if full else centred.square().sum(0)
+    extra = v.sum(0) if v is not None else torch.zeros_like(mean)
+    scatter, extra = _reduce(partition, scatter, extra)
+    cov = scatter / max(n - 1, 1)
+    cov = cov + (torch.diag(extra / n) if full else extra / n)
+    prior.mean_prior.copy_(mean)
+    prior.covariance_prior.copy_(cov)
+
+
+def component_statistics(m, resp, v=None, partition=None, covariance_type="full"):
+    """Soft counts, means and centred scatter sums of the components, all rows.
+
+    Parameters
+    ----------
+    m : Tensor of shape (n, d)
+        Codes (point means).
+    resp : Tensor of shape (n, K)
+    v : Tensor of shape (n, d), optional
+        Code variances (added to the scatter's diagonal).
+    partition : RowPartition, optional
+    covariance_type : {'full', 'diag'}
+
+    Returns
+    -------
+    counts : (K,)
+        ``sum_n r_nk``.
+    means : (K, d)
+        ``sum_n r_nk m_n / counts`` (0 for an empty component).
+    scatter : (K, d, d) or (K, d)
+        ``sum_n r_nk (m_n - means_k)(m_n - means_k)^T`` (+ ``diag(sum_n r_nk v_n)``),
+        centred on the component means ('full': exactly, over row chunks;
+        'diag': from one product with the codes centred on their mean).
+    """
+    n, d = m.shape
+    K = resp.shape[1]
+    counts, sums = _reduce(partition, resp.sum(0), resp.T @ m)
+    means = sums / counts.clamp_min(torch.finfo(m.dtype).tiny)[:, None]
+    full = covariance_type == "full"
+    if full:
+        scatter = m.new_zeros((K, d, d))
+        for rows in iter_row_chunks(n, chunk_rows(K * d)):
+            weighted = (m[rows, None, :] - means) * resp[rows, :, None].sqrt()  # (rows, K, d)
+            scatter += torch.einsum("nkd,nke->kde", weighted, weighted)
+    else:
+        # one product with the squares of the codes centred on their overall mean:
+        # sum_n r (m - mu_k)^2 = r^T (m - c)^2 - counts (mu_k - c)^2
+        center = sums.sum(0) / counts.sum().clamp_min(torch.finfo(m.dtype).tiny)
+        scatter = resp.T @ (m - center).square()
+    if v is not None:
+        diag = resp.T @ v
+        scatter = scatter + (torch.diag_embed(diag) if full else diag)
+    (scatter,) = _reduce(partition, scatter)
+    if not full:
+        scatter = (scatter - counts[:, None] * (means - center).square()).clamp_min(0.0)
+    return counts, means, scatter
+
+
+def _points_with_statistics(counts, means, scatter, covariance_type):
+    """Weighted points ``(X, resp, var)`` whose statistics are exactly
+    ``(counts, means, scatter)``, to pass statistics summed over processes to
+    the prior's ``update(X, resp, var)``.
+
+    'diag': one point per component at its mean, carrying the variance
+    ``scatter / count``. 'full': ``2d`` points per component at
+    ``mean +- sqrt(d) l_i`` (``l_i`` the columns of a square root of
+    ``scatter / count``), each with a ``1/(2d)`` share of the count.
+    """
+    K, d = means.shape
+    tiny = torch.finfo(means.dtype).tiny
+    if covariance_type == "diag":
+        return means, torch.diag(counts), scatter / counts.clamp_min(tiny)[:, None]
+    cov = scatter / counts.clamp_min(tiny)[:, None, None]
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    values, vectors = torch.linalg.eigh(cov)
+    roots = (vectors * values.clamp_min(0.0).sqrt()[:, None, :]).transpose(-1, -2)  # rows l_i
+    offsets = math.sqrt(d) * torch.cat([roots, -roots], dim=1)  # (K, 2d, d)
+    points = (means[:, None, :] + offsets).reshape(K * 2 * d, d)
+    owner = torch.arange(K, device=means.device).repeat_interleave(2 * d)
+    resp = F.one_hot(owner, K).to(means.dtype) * (counts[owner] / (2 * d))[:, None]
+    return points, resp, None
+
+
+def update_prior(prior, m, resp, v=None, partition=None, rho=1.0):
+    """The DP prior's M-step (``rho=1``) or natural-gradient step (``rho<1``)
+    from the statistics of all processes' codes (see :func:`component_statistics`)."""
+    stats = component_statistics(m, resp, v, partition, prior.covariance_type)
+    X, R, V = _points_with_statistics(*stats, prior.covariance_type)
+    prior.update(X, R, V, rho=rho)
+
+
+def _lower_bound(prior, log_resp, partition):
+    """The DP's variational lower bound over all rows (its entropy term sums rows)."""
+    rest = float(prior.lower_bound(log_resp[:0]))
+    local = float(prior.lower_bound(log_resp)) - rest
+    return (local if partition is None else partition.sum_scalar(local)) + rest
+
+
+@torch.no_grad()
+def fit_prior(prior, m, resp, partition=None, max_iter=100, tol=1e-3):
+    """Fit a DP prior to the codes ``m`` by coordinate ascent (scikit-learn's
+    algorithm) from the initial responsibilities ``resp`` (e.g. one-hot
+    k-means labels), with the data-dependent priors set from ``m``.
+
+    Returns
+    -------
+    converged : bool
+    """
+    set_data_priors(prior, m, None, partition)
+    update_prior(prior, m, resp, None, partition)
+    lower = -math.inf
+    for _ in range(max_iter):
+        log_resp = F.log_softmax(prior.expected_log_prob(m) + prior.log_weights(), 1)
+        update_prior(prior, m, log_resp.exp(), None, partition)
+        previous, lower = lower, _lower_bound(prior, log_resp, partition)
+        if abs(lower - previous) < tol:
+            return True
+    return False
+
+
+@torch.no_grad()
+def init_mixture_prior(prior, m, v, labels, partition=None):
+    """Initialise a :class:`GaussianMixturePrior` from hard labels of the codes:
+    each component's mean and per-dimension variance (plus the mean code
+    variance; the overall variance for components with at most one code)."""
+    K = prior.n_components
+    counts, means, scatter = component_statistics(
+        m, F.one_hot(labels, K).to(m.dtype), None, partition, "diag")
+    _, _, overall = component_statistics(m, m.new_ones(m.shape[0], 1), None, partition, "diag")
+    (v_total,) = _reduce(partition, v.sum(0))
+    n = _n_total(partition, m.shape[0])
+    var = torch.where(counts[:, None] > 1, scatter / counts.clamp_min(1.0)[:, None], overall / n)
+    prior.means.copy_(means)
+    prior.log_vars.copy_(torch.log(var + v_total / n + 1e-4))
