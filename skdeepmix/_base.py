@@ -564,12 +564,14 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         weights = None
         if sample_weight is not None:
             weights = to_tensor(sample_weight, device, self._torch_dtype())
+        if generator is None:
+            generator = make_generator(self.random_state, device)
+        if partition.active:  # one stream of draws on every process (random_state=None too)
+            generator.manual_seed(_distributed.broadcast_object(generator.initial_seed()))
         return FitContext(
             device=device,
             dtype=self._torch_dtype(),
-            generator=generator if generator is not None else make_generator(
-                self.random_state, device
-            ),
+            generator=generator,
             partition=partition,
             y=yt,
             sample_weight=weights,

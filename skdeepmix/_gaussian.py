@@ -193,11 +193,11 @@ def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=Non
     if covariance_type == "full":
         projected = X @ precisions_cholesky.permute(1, 0, 2).reshape(n_features, -1)
         projected_means = torch.einsum("kd,kde->ke", means, precisions_cholesky)
-        diff = projected.view(n_samples, n_components, n_features).sub_(projected_means)
-        mahalanobis = diff.mul_(diff).sum(-1)
+        diff = projected.view(n_samples, n_components, n_features) - projected_means
+        mahalanobis = _sum_of_squares(diff)
     elif covariance_type == "tied":
         diff = (X @ precisions_cholesky)[:, None, :] - (means @ precisions_cholesky)
-        mahalanobis = diff.mul_(diff).sum(-1)
+        mahalanobis = _sum_of_squares(diff)
     elif covariance_type == "diag":
         precisions = precisions_cholesky.square()
         mahalanobis = (
@@ -218,6 +218,13 @@ def log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center=Non
             precisions_cholesky, covariance_type, n_components, n_features
         ).T
     return -0.5 * (n_features * LOG_2PI + mahalanobis) + log_det
+
+
+def _sum_of_squares(diff):
+    """``(diff ** 2).sum(-1)``, squaring in place when no gradient is needed."""
+    if torch.is_grad_enabled() and diff.requires_grad:
+        return diff.square().sum(-1)
+    return diff.mul_(diff).sum(-1)
 
 
 def _precision_diagonals(precisions_cholesky, covariance_type, n_components, n_features):
