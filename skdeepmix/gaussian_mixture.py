@@ -5,7 +5,6 @@ from __future__ import annotations
 from numbers import Real
 
 import numpy as np
-import torch
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval
 

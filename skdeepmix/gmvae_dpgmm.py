@@ -23,14 +23,11 @@ from .nn.gmvae import (
     GMVAE,
     GaussianMixturePrior,
     column_moments,
-    fit_prior,
     importance_weighted_log_likelihood,
     init_mixture_prior,
     negative_elbo,
     pretrain_loss,
     sample,
-    set_data_priors,
-    update_prior,
 )
 
 __all__ = ["GMVAEDPGMM"]
@@ -422,7 +419,7 @@ class GMVAEDPGMM(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseDeepMixt
             init_mixture_prior(self.prior_, m, variance.expand_as(m), labels, ctx.partition)
         else:
             resp = torch.nn.functional.one_hot(labels, self.n_components).to(m.dtype)
-            fit_prior(self.prior_, m, resp, ctx.partition)
+            self.prior_.fit(m, resp, partition=ctx.partition)
         self._check_prior("the prior's initialisation")
         self._update_attributes()
 
@@ -477,14 +474,14 @@ class GMVAEDPGMM(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseDeepMixt
             if refit:
                 _, labels = kmeans(m, self.n_components, ctx.generator, partition=ctx.partition)
                 resp = torch.nn.functional.one_hot(labels, self.n_components).to(m.dtype)
-                fit_prior(self.prior_, m, resp, ctx.partition)
+                self.prior_.fit(m, resp, partition=ctx.partition)
                 # the refit permutes the clusters: restart the residual head
                 self.module_.y_head.weight.zero_()
                 self.module_.y_head.bias.zero_()
             else:
-                set_data_priors(self.prior_, m, v, ctx.partition)
-                update_prior(self.prior_, m, log_qy.exp(), v, ctx.partition,
-                             rho=float(self.prior_learning_rate))
+                self.prior_.set_priors(m, v, partition=ctx.partition)
+                self.prior_.update(m, log_qy.exp(), v, rho=float(self.prior_learning_rate),
+                                   partition=ctx.partition)
         self._check_prior("the prior update")
 
     def _update_attributes(self):

@@ -20,7 +20,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from skdeepmix import TrainingDivergedError
 from skdeepmix.gmvae_dpgmm import GMVAEDPGMM
 from skdeepmix.nn.dpgmm import DirichletProcessGMM
-from skdeepmix.nn.gmvae import gumbel_softmax, set_data_priors, update_prior
+from skdeepmix.nn.gmvae import gumbel_softmax
 
 torch.set_num_threads(1)
 
@@ -100,30 +100,6 @@ def test_dpgmm_float32_and_uncertain_points():
     lower = dp.expected_log_prob(Xt, torch.full_like(Xt, 0.5))
     torch.testing.assert_close(base, same)
     assert (lower < base).all()
-
-
-@pytest.mark.parametrize("covariance_type", ["diag", "full"])
-def test_prior_update_from_summed_statistics_is_exact(covariance_type):
-    """update_prior passes statistics (summed over processes) to the DP as
-    weighted points: the same posterior as the DP's own update on the rows."""
-    g = torch.Generator().manual_seed(0)
-    m = torch.randn(200, 3, generator=g, dtype=torch.float64) * 2 + 1
-    v = torch.rand(200, 3, generator=g, dtype=torch.float64)
-    resp = torch.softmax(torch.randn(200, 4, generator=g, dtype=torch.float64) * 3, 1)
-    direct = DirichletProcessGMM(4, 3, covariance_type).double()
-    direct.set_priors(m, v)
-    ours = copy.deepcopy(direct)
-    direct.update(m, resp, v)
-    update_prior(ours, m, resp, v)
-    for name in ("weight_concentration", "means", "covariances", "degrees_of_freedom",
-                 "mean_precision"):
-        torch.testing.assert_close(getattr(ours, name), getattr(direct, name),
-                                   rtol=1e-10, atol=1e-12)
-    # the data-dependent priors from sums equal set_priors on the rows
-    from_sums = copy.deepcopy(ours)
-    set_data_priors(from_sums, m, v)
-    torch.testing.assert_close(from_sums.mean_prior, direct.mean_prior)
-    torch.testing.assert_close(from_sums.covariance_prior, direct.covariance_prior)
 
 
 def test_gumbel_softmax():

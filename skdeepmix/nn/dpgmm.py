@@ -42,20 +42,9 @@ from torch import nn
 from .. import _gaussian as G
 from .._kmeans import kmeans
 
-__all__ = ["DirichletProcessGMM", "kmeans_plusplus_labels"]
+__all__ = ["DirichletProcessGMM"]
 
 _PRIOR_TYPE = "dirichlet_process"
-
-
-def kmeans_plusplus_labels(X, n_clusters, generator, n_iter=20):
-    """k-means labels of ``X`` (import-compatible alias of
-    :func:`skdeepmix._kmeans.kmeans`, ``max_iter=n_iter``; use that instead).
-
-    Returns
-    -------
-    labels : LongTensor of shape (n_samples,)
-    """
-    return kmeans(X, n_clusters, generator, max_iter=n_iter)[1]
 
 
 class DirichletProcessGMM(nn.Module):

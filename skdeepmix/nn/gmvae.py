@@ -34,13 +34,11 @@ The prior ``p(z|y) p(y)`` is any object with ``expected_log_prob(m, v)``
 :class:`GaussianMixturePrior` (learnable fixed-K prior) and
 :class:`~skdeepmix.nn.dpgmm.DirichletProcessGMM` (variational DP prior).
 
-The second half of the module fits such a prior to latent codes from
-statistics summed over all the rows, also when the rows are split over
-``torch.distributed`` processes (``partition``, see
+Statistics of the latent codes are summed over all the rows, also when the
+rows are split over ``torch.distributed`` processes (``partition``, see
 :class:`~skdeepmix._distributed.RowPartition`; ``None`` means all rows are
-here): the data-dependent priors (:func:`set_data_priors`), the DP's M-step
-(:func:`update_prior`), its coordinate-ascent fit (:func:`fit_prior`) and the
-initialisation of the fixed-K prior (:func:`init_mixture_prior`).
+here): :func:`column_moments` and the initialisation of the fixed-K prior
+(:func:`init_mixture_prior`); the DP prior's own methods take a ``partition``.
 """
 
 
@@ -52,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._gaussian import LOG_2PI, log_gaussian_prob, sample_gaussian
-from .._torch_utils import chunk_rows, init_layers_, iter_row_chunks
+from .._gaussian import LOG_2PI, SufficientStatistics, log_gaussian_prob, sample_gaussian
+from .._torch_utils import init_layers_
 
 __all__ = [
     "GMVAE",
@@ -64,10 +62,6 @@ __all__ = [
     "importance_weighted_log_likelihood",
     "sample",
     "column_moments",
-    "set_data_priors",
-    "component_statistics",
-    "update_prior",
-    "fit_prior",
     "init_mixture_prior",
 ]
 
@@ -436,149 +430,18 @@ def column_moments(x, partition=None):
     return mean, scatter / n
 
 
-def set_data_priors(prior, m, v=None, partition=None):
-    """Set a DP prior's data-dependent priors as scikit-learn does, on all rows.
-
-    ``mean_prior`` is the mean of the codes ``m`` and ``covariance_prior``
-    their unbiased (``ddof=1``) covariance (``'full'``) or variance
-    (``'diag'``), plus the mean of the code variances ``v`` (the covariance of
-    the mixture of the codes' Gaussians).
-    """
-    n = _n_total(partition, m.shape[0])
-    (total,) = _reduce(partition, m.sum(0))
-    mean = total / n
-    centred = m - mean
-    full = prior.covariance_type == "full"
-    scatter = centred.T @ centred if full else centred.square().sum(0)
-    extra = v.sum(0) if v is not None else torch.zeros_like(mean)
-    scatter, extra = _reduce(partition, scatter, extra)
-    cov = scatter / max(n - 1, 1)
-    cov = cov + (torch.diag(extra / n) if full else extra / n)
-    prior.mean_prior.copy_(mean)
-    prior.covariance_prior.copy_(cov)
-
-
-def component_statistics(m, resp, v=None, partition=None, covariance_type="full"):
-    """Soft counts, means and centred scatter sums of the components, all rows.
-
-    Parameters
-    ----------
-    m : Tensor of shape (n, d)
-        Codes (point means).
-    resp : Tensor of shape (n, K)
-    v : Tensor of shape (n, d), optional
-        Code variances (added to the scatter's diagonal).
-    partition : RowPartition, optional
-    covariance_type : {'full', 'diag'}
-
-    Returns
-    -------
-    counts : (K,)
-        ``sum_n r_nk``.
-    means : (K, d)
-        ``sum_n r_nk m_n / counts`` (0 for an empty component).
-    scatter : (K, d, d) or (K, d)
-        ``sum_n r_nk (m_n - means_k)(m_n - means_k)^T`` (+ ``diag(sum_n r_nk v_n)``),
-        centred on the component means ('full': exactly, over row chunks;
-        'diag': from one product with the codes centred on their mean).
-    """
-    n, d = m.shape
-    K = resp.shape[1]
-    counts, sums = _reduce(partition, resp.sum(0), resp.T @ m)
-    means = sums / counts.clamp_min(torch.finfo(m.dtype).tiny)[:, None]
-    full = covariance_type == "full"
-    if full:
-        scatter = m.new_zeros((K, d, d))
-        for rows in iter_row_chunks(n, chunk_rows(K * d)):
-            weighted = (m[rows, None, :] - means) * resp[rows, :, None].sqrt()  # (rows, K, d)
-            scatter += torch.einsum("nkd,nke->kde", weighted, weighted)
-    else:
-        # one product with the squares of the codes centred on their overall mean:
-        # sum_n r (m - mu_k)^2 = r^T (m - c)^2 - counts (mu_k - c)^2
-        center = sums.sum(0) / counts.sum().clamp_min(torch.finfo(m.dtype).tiny)
-        scatter = resp.T @ (m - center).square()
-    if v is not None:
-        diag = resp.T @ v
-        scatter = scatter + (torch.diag_embed(diag) if full else diag)
-    (scatter,) = _reduce(partition, scatter)
-    if not full:
-        scatter = (scatter - counts[:, None] * (means - center).square()).clamp_min(0.0)
-    return counts, means, scatter
-
-
-def _points_with_statistics(counts, means, scatter, covariance_type):
-    """Weighted points ``(X, resp, var)`` whose statistics are exactly
-    ``(counts, means, scatter)``, to pass statistics summed over processes to
-    the prior's ``update(X, resp, var)``.
-
-    'diag': one point per component at its mean, carrying the variance
-    ``scatter / count``. 'full': ``2d`` points per component at
-    ``mean +- sqrt(d) l_i`` (``l_i`` the columns of a square root of
-    ``scatter / count``), each with a ``1/(2d)`` share of the count.
-    """
-    K, d = means.shape
-    tiny = torch.finfo(means.dtype).tiny
-    if covariance_type == "diag":
-        return means, torch.diag(counts), scatter / counts.clamp_min(tiny)[:, None]
-    cov = scatter / counts.clamp_min(tiny)[:, None, None]
-    cov = 0.5 * (cov + cov.transpose(-1, -2))
-    values, vectors = torch.linalg.eigh(cov)
-    roots = (vectors * values.clamp_min(0.0).sqrt()[:, None, :]).transpose(-1, -2)  # rows l_i
-    offsets = math.sqrt(d) * torch.cat([roots, -roots], dim=1)  # (K, 2d, d)
-    points = (means[:, None, :] + offsets).reshape(K * 2 * d, d)
-    owner = torch.arange(K, device=means.device).repeat_interleave(2 * d)
-    resp = F.one_hot(owner, K).to(means.dtype) * (counts[owner] / (2 * d))[:, None]
-    return points, resp, None
-
-
-def update_prior(prior, m, resp, v=None, partition=None, rho=1.0):
-    """The DP prior's M-step (``rho=1``) or natural-gradient step (``rho<1``)
-    from the statistics of all processes' codes (see :func:`component_statistics`)."""
-    stats = component_statistics(m, resp, v, partition, prior.covariance_type)
-    X, R, V = _points_with_statistics(*stats, prior.covariance_type)
-    prior.update(X, R, V, rho=rho)
-
-
-def _lower_bound(prior, log_resp, partition):
-    """The DP's variational lower bound over all rows (its entropy term sums rows)."""
-    rest = float(prior.lower_bound(log_resp[:0]))
-    local = float(prior.lower_bound(log_resp)) - rest
-    return (local if partition is None else partition.sum_scalar(local)) + rest
-
-
-@torch.no_grad()
-def fit_prior(prior, m, resp, partition=None, max_iter=100, tol=1e-3):
-    """Fit a DP prior to the codes ``m`` by coordinate ascent (scikit-learn's
-    algorithm) from the initial responsibilities ``resp`` (e.g. one-hot
-    k-means labels), with the data-dependent priors set from ``m``.
-
-    Returns
-    -------
-    converged : bool
-    """
-    set_data_priors(prior, m, None, partition)
-    update_prior(prior, m, resp, None, partition)
-    lower = -math.inf
-    for _ in range(max_iter):
-        log_resp = F.log_softmax(prior.expected_log_prob(m) + prior.log_weights(), 1)
-        update_prior(prior, m, log_resp.exp(), None, partition)
-        previous, lower = lower, _lower_bound(prior, log_resp, partition)
-        if abs(lower - previous) < tol:
-            return True
-    return False
-
-
 @torch.no_grad()
 def init_mixture_prior(prior, m, v, labels, partition=None):
     """Initialise a :class:`GaussianMixturePrior` from hard labels of the codes:
     each component's mean and per-dimension variance (plus the mean code
     variance; the overall variance for components with at most one code)."""
-    K = prior.n_components
-    counts, means, scatter = component_statistics(
-        m, F.one_hot(labels, K).to(m.dtype), None, partition, "diag")
-    _, _, overall = component_statistics(m, m.new_ones(m.shape[0], 1), None, partition, "diag")
-    (v_total,) = _reduce(partition, v.sum(0))
+    K, d = prior.n_components, m.shape[1]
+    stats = SufficientStatistics("diag", m.new_zeros(K, d), m.new_zeros(d))
+    counts, means, variances = stats.accumulate(
+        lambda exact: [dict(X=m, resp=F.one_hot(labels, K).to(m.dtype))], 0.0, partition)
+    _, overall = column_moments(m, partition)
     n = _n_total(partition, m.shape[0])
-    var = torch.where(counts[:, None] > 1, scatter / counts.clamp_min(1.0)[:, None], overall / n)
+    (v_total,) = _reduce(partition, v.sum(0))
+    var = torch.where(counts[:, None] > 1, variances, overall)
     prior.means.copy_(means)
     prior.log_vars.copy_(torch.log(var + v_total / n + 1e-4))
