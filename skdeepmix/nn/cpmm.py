@@ -42,6 +42,8 @@ __all__ = [
     "CPMMNet",
     "FIXED_STEP_METHODS",
     "ADAPTIVE_METHODS",
+    "EXPLICIT_STEPPERS",
+    "fixed_grid_solve",
     "solve_ode",
     "mixture_log_prob",
 ]
@@ -180,14 +182,17 @@ class ODEFuncCNN(nn.Module):
 
     reset_parameters = ODEFuncMLP.reset_parameters
 
-    def _to_channels(self, h):
+    def _to_channels(self, h, *planes):
+        """``(B, n_channels + len(planes), H, W)`` in channels-last memory (faster
+        convolutions on the CPU); ``planes`` are extra ``(B, 1, H, W)`` channels."""
         H, W, C = self.image_shape
         B, k = h.shape[0], self.n_blocks * H * W * C
         blocks = h[:, :k].reshape(B, self.n_blocks, H, W, C)
         if C > 1:
             blocks = blocks.permute(0, 1, 4, 2, 3)
         blocks = blocks.reshape(B, self.n_blocks * C, H, W)
-        return torch.cat([blocks, h[:, k:].reshape(B, self.n_extra, H, W)], dim=1)
+        out = torch.cat([blocks, h[:, k:].reshape(B, self.n_extra, H, W), *planes], dim=1)
+        return out.contiguous(memory_format=torch.channels_last)
 
     def _from_channels(self, out):
         H, W, C = self.image_shape
@@ -201,9 +206,8 @@ class ODEFuncCNN(nn.Module):
     def forward(self, t, h):
         """``dh/dt`` of shape (B, state_dim); ``t`` is a scalar or of shape (B,)."""
         H, W, _ = self.image_shape
-        out = self._to_channels(h)
         tt = _time_column(t, h).reshape(-1, 1, 1, 1).expand(h.shape[0], 1, H, W)
-        out = torch.cat([out, tt], dim=1)
+        out = self._to_channels(h, tt)
         for layer in self.layers[:-1]:
             out = self.act(layer(out))
         return self._from_channels(self.layers[-1](out))
@@ -261,6 +265,68 @@ def solve_ode(func, y0, times, *, method="rk4", step_size=0.1, rtol=1e-3, atol=1
         return odeint_adjoint(func, y0, times, adjoint_params=tuple(func.parameters()),
                               **kwargs)
     return odeint(func, y0, times, **kwargs)
+
+
+#: fixed-step methods solved by :func:`fixed_grid_solve` (torchdiffeq's formulas)
+EXPLICIT_STEPPERS = ("euler", "midpoint", "rk4")
+
+
+def fixed_grid_solve(func, y0, grid, method="rk4"):
+    """Explicit fixed-step solve on ``grid``, keeping the slopes of the steps.
+
+    The same steps as torchdiffeq's ``'euler'``, ``'midpoint'`` and ``'rk4'``
+    (the 3/8 rule), but the first stage of every step, ``f(t_n, y_n)``, is
+    returned as well, so that a cubic Hermite interpolation between the grid
+    points needs only one more evaluation (at the last point).
+
+    Parameters
+    ----------
+    func : callable ``f(t, y)``
+    y0 : Tensor of shape (B, S)
+    grid : Tensor of shape (n + 1,)
+    method : {'euler', 'midpoint', 'rk4'}
+
+    Returns
+    -------
+    states : Tensor of shape (n + 1, B, S)
+        ``y`` at the grid points.
+    slopes : list of n Tensors of shape (B, S)
+        ``f(t_i, y_i)`` at the first ``n`` grid points.
+    """
+    states, slopes, y = [y0], [], y0
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        dt = t1 - t0
+        k1 = func(t0, y)
+        if method == "euler":
+            dy = dt * k1
+        elif method == "midpoint":
+            dy = dt * func(t0 + 0.5 * dt, y + 0.5 * dt * k1)
+        else:
+            k2 = func(t0 + dt / 3, y + dt * k1 / 3)
+            k3 = func(t0 + dt * 2 / 3, y + dt * (k2 - k1 / 3))
+            k4 = func(t1, y + dt * (k1 - k2 + k3))
+            dy = (k1 + 3 * (k2 + k3) + k4) * dt * 0.125
+        y = y + dy
+        states.append(y)
+        slopes.append(k1)
+    return torch.stack(states), slopes
+
+
+def _interpolation_weights(grid, times, interp):
+    """Weights ``(T, n + 1)`` of the states and of the slopes at the grid points
+    giving the linear or cubic Hermite interpolation at ``times`` (the slope
+    weights are None for ``'linear'``)."""
+    n_steps = grid.numel() - 1
+    idx = torch.searchsorted(grid, times.detach(), right=True).clamp(1, n_steps)
+    lo, hi = grid[idx - 1], grid[idx]
+    w = ((times - lo) / (hi - lo)).clamp(0.0, 1.0)[:, None]
+    left = F.one_hot(idx - 1, n_steps + 1).to(times.dtype)
+    right = F.one_hot(idx, n_steps + 1).to(times.dtype)
+    if interp == "linear":
+        return left * (1 - w) + right * w, None
+    w2, w3, dt = w * w, w * w * w, (hi - lo)[:, None]
+    states = left * (2 * w3 - 3 * w2 + 1) + right * (3 * w2 - 2 * w3)
+    return states, (left * (w3 - 2 * w2 + w) + right * (w3 - w2)) * dt
 
 
 # ------------------------------------------------------------------ the model
@@ -411,39 +477,40 @@ class CPMMNet(nn.Module):
         return means, loadings, log_noise, log_weight
 
     # ------------------------------------------------------------------ solve
-    def trajectory(self, times):
-        """States at ``times`` (increasing, in ``[0, 1]``): ``(C, T, state_dim)``."""
+    def trajectory(self, times, columns=None):
+        """States at ``times`` (increasing, in ``[0, 1]``): ``(C, T, state_dim)``.
+
+        ``columns``: return only the first ``columns`` entries of the state
+        (e.g. the MFA parameters without the augmentation).
+        """
         times = times.to(self.initial_state)
-        if self.solver["method"] in FIXED_STEP_METHODS:
-            # solve on the solver's own grid, then interpolate (what torchdiffeq
-            # does between grid points) with one gather: asking torchdiffeq for
-            # many output times costs a full copy of the solution per output
-            # time in the backward pass
-            step = float(self.solver["step_size"])
-            n_steps = max(1, int(math.ceil(1.0 / step - 1e-9)))
-            grid = torch.arange(n_steps + 1, dtype=times.dtype, device=times.device) * step
-            grid[-1] = 1.0
+        columns = self.state_dim if columns is None else int(columns)
+        if self.solver["method"] not in FIXED_STEP_METHODS:
+            starts_at_zero = bool(times[0] == 0)
+            grid = times if starts_at_zero else torch.cat([times.new_zeros(1), times])
             states = solve_ode(self.func, self.initial_state, grid, **self.solver)
-            idx = torch.searchsorted(grid, times.detach(), right=True).clamp(1, n_steps)
-            lo, hi = grid[idx - 1], grid[idx]
-            dt = (hi - lo)[:, None, None]
-            w = ((times - lo) / (hi - lo)).clamp(0.0, 1.0)[:, None, None]
-            y0, y1 = states[idx - 1], states[idx]
-            if self.interp == "linear":
-                out = y0 * (1 - w) + y1 * w
-            else:  # cubic Hermite with the ODE's slopes at the grid points
-                slopes = torch.stack([self.func(g, h) for g, h in zip(grid, states)])
-                f0, f1 = slopes[idx - 1], slopes[idx]
-                w2, w3 = w * w, w * w * w
-                out = ((2 * w3 - 3 * w2 + 1) * y0 + (w3 - 2 * w2 + w) * dt * f0
-                       + (3 * w2 - 2 * w3) * y1 + (w3 - w2) * dt * f1)
-            return out.transpose(0, 1)
-        starts_at_zero = bool(times[0] == 0)
-        grid = times if starts_at_zero else torch.cat([times.new_zeros(1), times])
-        states = solve_ode(self.func, self.initial_state, grid, **self.solver)
-        if not starts_at_zero:
-            states = states[1:]
-        return states.transpose(0, 1)
+            return states[int(not starts_at_zero):, :, :columns].transpose(0, 1)
+        # solve on the solver's own grid and interpolate between its points (what
+        # torchdiffeq's fixed-step solvers do) with two matrix products: asking
+        # torchdiffeq for many output times costs a full copy of the solution
+        # per output time in the backward pass
+        step = float(self.solver["step_size"])
+        n_steps = max(1, int(math.ceil(1.0 / step - 1e-9)))
+        grid = torch.arange(n_steps + 1, dtype=times.dtype, device=times.device) * step
+        grid[-1] = 1.0
+        method = self.solver["method"]
+        if method in EXPLICIT_STEPPERS and not self.solver["adjoint"]:
+            states, slopes = fixed_grid_solve(self.func, self.initial_state, grid, method)
+        else:
+            states, slopes = solve_ode(self.func, self.initial_state, grid, **self.solver), None
+        state_weights, slope_weights = _interpolation_weights(grid, times, self.interp)
+        out = torch.einsum("tn,ncs->cts", state_weights, states[..., :columns])
+        if slope_weights is not None:
+            if slopes is None:
+                slopes = [self.func(g, h) for g, h in zip(grid[:-1], states[:-1])]
+            slopes = torch.stack(slopes + [self.func(grid[-1], states[-1])])
+            out = out + torch.einsum("tn,ncs->cts", slope_weights, slopes[..., :columns])
+        return out
 
     def components(self, times):
         """Mixture parameters at ``times``.
@@ -455,7 +522,7 @@ class CPMMNet(nn.Module):
         loadings : (C, T, D, R)
         log_noise_var : (C, T, D)
         """
-        states = self.trajectory(times)
+        states = self.trajectory(times, self.state_dim - self.aug_dim)
         means, loadings, log_noise, log_w = self.split_state(states)
         T = states.shape[1]
         if log_w is None:
