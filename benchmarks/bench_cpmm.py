@@ -70,10 +70,11 @@ def teacher_bpd(est, X_deq):
     """Test bits/dim of the flow teacher (Hutchinson trace, 4 probes averaged)."""
     Xt = torch.as_tensor(X_deq, dtype=torch.float32)
     Y, log_jac = est._preprocess(Xt)
-    Z = (Y - torch.as_tensor(est.shift_, dtype=torch.float32)) / est.scale_
-    lls = [est.teacher_.log_prob(Z, torch.Generator().manual_seed(k)).detach()
+    scale = torch.as_tensor(est.scale_, dtype=torch.float32)
+    Z = (Y - torch.as_tensor(est.shift_, dtype=torch.float32)) / scale
+    lls = [est.teacher_.float().log_prob(Z, torch.Generator().manual_seed(k)).detach()
            for k in range(4)]
-    ll = torch.stack(lls).mean(0) + log_jac - Xt.shape[1] * math.log(est.scale_)
+    ll = torch.stack(lls).mean(0) + log_jac - torch.log(scale).sum()
     return bits_per_dim(ll.numpy().astype(np.float64), Xt.shape[1])
 
 

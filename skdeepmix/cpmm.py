@@ -34,7 +34,7 @@ __all__ = ["CPMMEstimator"]
 
 @fill_doc(
     tol=1e-3,
-    max_iter=40,
+    max_iter=200,
     tol_meaning=(
         "Training stops when the mean training log-likelihood, averaged over "
         "3 epochs, improves by less than ``tol`` times its magnitude on the 3 "
@@ -68,10 +68,11 @@ class CPMMEstimator(BaseDeepMixture):
 
     The model is trained on internally standardised data
     ``z = (T(x) - shift_) / scale_`` (``T``: the preprocessing; per-feature
-    mean, one global scale); the fitted parameters and the densities are in
-    the input space (or in the logit space for ``preprocessing='logit'``;
-    the densities then include the log-Jacobian, so they are densities of
-    ``X`` itself).
+    mean and scale, so that the optimizer's steps are in units of each
+    feature's spread); the fitted parameters and the densities are in the
+    input space (or in the logit space for ``preprocessing='logit'``; the
+    densities then include the log-Jacobian, so they are densities of ``X``
+    itself).
 
     Parameters
     ----------
@@ -80,13 +81,14 @@ class CPMMEstimator(BaseDeepMixture):
     n_points_per_trajectory : int, default=25
         ``G``, pseudotimes (components) per trajectory during training and at
         extraction (paper: 25).
-    rank : int, default=4
+    rank : int, default=8
         ``R``, rank of the factor loadings.
     augment_factor : float, default=2.0
         Size of the augmented state ``alpha`` relative to the unaugmented
         state (paper: 2-4; for images: extra channels per state channel).
-    hidden_size : int, default=128
-        Width of the ODE function (MLP units, or CNN channels).
+    hidden_size : int, default=32
+        Width of the ODE function (MLP units, or CNN channels; the cost of the
+        CNN grows with its square).
     ode_depth : int, default=3
         Number of layers of the ODE function.
     activation : {'sin', 'tanh'}, default='sin'
@@ -99,19 +101,23 @@ class CPMMEstimator(BaseDeepMixture):
         One ODE for all trajectories, or one per trajectory.
     learn_component_weights : bool, default=False
         Put ``log pi`` in the state; else ``pi_c(t_j) = 1/G``.
-    min_variance : float, default=exp(-6) ~ 0.00248
-        Variance floor of the factor analysers' diagonal noise ``d``, in the
-        internally standardised space (the data divided by ``scale_``, so the
-        floor in the input space is ``min_variance * scale_**2``). Applied as
-        the paper's soft clip, ``log d = log(min_variance) + softplus(raw -
-        log(min_variance))``; the default is the paper's ``log d >= -6``.
+    min_variance : float, default=1e-4
+        Floor of the factor analysers' noise variances ``d``, relative to the
+        mean variance of the (preprocessed) training features: every
+        ``d_j >= min_variance * mean_k Var(x_k)`` in the input (or logit)
+        space. Applied as the paper's soft clip (``log d = m +
+        softplus(raw - m)``; the paper clips at ``log d >= -6`` in its logit
+        space). Like ``reg_covar``, it keeps components from collapsing onto
+        (nearly) constant pixels; chosen by validation (doc/cpmm.md).
     pseudotimes : {'uniform', 'fixed'}, default='uniform'
         Pseudotimes per training step: ``G`` sorted uniform draws, or the
         evenly spaced extraction times.
     ode_method : str, default='rk4'
         ``torchdiffeq`` solver.
-    ode_step_size : float, default=0.25
-        Step of the fixed-step solvers.
+    ode_step_size : float, default=0.5
+        Step of the fixed-step solvers (the default RK4 takes two steps from
+        ``t = 0`` to ``1``: 8 evaluations of the ODE function and one more
+        for the cubic interpolation).
     ode_interpolation : {'cubic', 'linear'}, default='cubic'
         States between the steps of a fixed-step solver: cubic Hermite with
         the ODE's slopes (smooth trajectories) or linear (torchdiffeq's
@@ -192,8 +198,10 @@ class CPMMEstimator(BaseDeepMixture):
     pseudotimes_ : ndarray of shape (n_points_per_trajectory,)
     shift_ : ndarray of shape (n_features,)
         Per-feature mean of the (preprocessed) training data.
-    scale_ : float
-        Global standard deviation of the (preprocessed) training data.
+    scale_ : ndarray of shape (n_features,)
+        Per-feature scale of the internal standardisation:
+        ``sqrt(Var(x_j) + 1e-4 * mean_k Var(x_k))`` (constant features keep a
+        small positive scale).
     image_shape_ : tuple (H, W, C) or None
         Image layout of the features (from ``image_shape`` or the input).
     history_ : list of dict
@@ -281,11 +289,11 @@ class CPMMEstimator(BaseDeepMixture):
         self,
         n_components=10,
         n_points_per_trajectory=25,
-        rank=4,
+        rank=8,
         *,
-        augment_factor=2.0, hidden_size=128, ode_depth=3, activation="sin", image_shape=None,
-        shared_ode=True, learn_component_weights=False, min_variance=math.exp(-6.0),
-        pseudotimes="uniform", ode_method="rk4", ode_step_size=0.25, ode_interpolation="cubic",
+        augment_factor=2.0, hidden_size=32, ode_depth=3, activation="sin", image_shape=None,
+        shared_ode=True, learn_component_weights=False, min_variance=1e-4,
+        pseudotimes="uniform", ode_method="rk4", ode_step_size=0.5, ode_interpolation="cubic",
         rtol=1e-3, atol=1e-4, adjoint=False, gradient_checkpointing=False,
         curriculum=None, n_spaces=51, space_iter=1, curriculum_init="random",
         restart_optimizer=True, init_iter=0,
@@ -293,7 +301,7 @@ class CPMMEstimator(BaseDeepMixture):
         teacher_learning_rate=3e-3, teacher_ode_step_size=0.25,
         entropy_reg=0.0, preprocessing=None, dequantize=True, augment_noise=0.01,
         optimizer="adam", learning_rate=3e-3, batch_size=256, max_grad_norm=10.0,
-        tol=1e-3, max_iter=40, n_init=1, random_state=None, warm_start=False, verbose=0,
+        tol=1e-3, max_iter=200, n_init=1, random_state=None, warm_start=False, verbose=0,
         verbose_interval=10, device="auto", dtype=None, chunk_size=None,
         keep_ode=False, keep_teacher=False,
     ):
@@ -383,9 +391,8 @@ class CPMMEstimator(BaseDeepMixture):
         """Per-feature mean and global std of the preprocessed data, over all shards."""
         if self.preprocessing == "logit" and self.dequantize:
             X = dequantize(X, ctx.generator)
-        shift, scale = _standardization(self._preprocess(X)[0], ctx.partition)
-        self.module_.shift.copy_(shift)
-        self.module_.scale.copy_(scale)
+        self.module_.set_standardization(*_standardization(self._preprocess(X)[0],
+                                                           ctx.partition))
 
     def _train_times(self, ctx):
         G = self.n_points_per_trajectory
@@ -471,7 +478,7 @@ class CPMMEstimator(BaseDeepMixture):
         self.__dict__.pop("teacher_", None)
         Z, offset = self._training_data(X, ctx)
         if self.curriculum is None:
-            labels = self._init_kmeans(Z, Z, ctx, shared)
+            labels = self._init_kmeans(Z * self.module_.scale, Z, ctx, shared)
             if self.init_iter:
                 self._prefit_trajectories(Z, labels, ctx, shared)
         else:
@@ -481,15 +488,17 @@ class CPMMEstimator(BaseDeepMixture):
 
     def _init_kmeans(self, Z, stats_on, ctx, generator):
         """Start states at k-means clusters of ``Z`` (means, per-feature
-        variances and proportions measured on ``stats_on``); returns the labels."""
+        variances and proportions measured on ``stats_on``); returns the labels.
+
+        In the input space ``Z`` is given in the data's own geometry (not
+        standardised per feature, which would give nearly constant pixels
+        the weight of the informative ones)."""
         C, partition = self.n_components, ctx.partition
         chunk = chunk_rows(C + Z.shape[1], self.chunk_size)
         _, labels = kmeans(Z, C, generator, chunk_size=chunk, partition=partition)
         counts, means, var = _cluster_moments(stats_on, labels, C, partition)
-        self.module_.init_state(
-            means, torch.log(var.clamp_min(self.min_variance)), loadings_scale=0.1,
-            generator=generator,
-        )
+        log_var = torch.maximum(torch.log(var), self.module_.log_floor)
+        self.module_.init_state(means, log_var, loadings_scale=0.1, generator=generator)
         with torch.no_grad():
             self.module_.cluster_logits.copy_(torch.log(counts.clamp_min(1.0) / counts.sum()))
         return labels
@@ -526,7 +535,7 @@ class CPMMEstimator(BaseDeepMixture):
         if self.curriculum_init == "kmeans":
             self._init_kmeans(spaces[-1], spaces[-1], ctx, generator)
         elif self.curriculum_init == "kmeans_input":
-            self._init_kmeans(spaces[0], spaces[-1], ctx, generator)
+            self._init_kmeans(spaces[0] * self.module_.scale, spaces[-1], ctx, generator)
         else:
             self.module_.init_random(generator)
         optimizer = None
@@ -588,18 +597,18 @@ class CPMMEstimator(BaseDeepMixture):
                                device=ctx.device)
         with torch.no_grad():
             log_w, means, loadings, log_noise = module.components(times)
-        s, shift = float(module.scale), module.shift.detach().clone()
+        s, shift = module.scale.detach().clone(), module.shift.detach().clone()
         # cached in the standardised space (better conditioned numerics);
         # the public attributes are in the input (or logit) space
         self._components = {"log_weights": log_w, "means": means, "loadings": loadings,
-                            "log_noise_var": log_noise, "shift": shift}
-        self.shift_, self.scale_ = to_numpy(shift), s
+                            "log_noise_var": log_noise, "shift": shift, "scale": s}
+        self.shift_, self.scale_ = to_numpy(shift), to_numpy(s)
         self.pseudotimes_ = to_numpy(times)
         self.weights_ = to_numpy(log_w.exp())
         self.cluster_weights_ = self.weights_.sum(1)
         self.means_ = to_numpy(means * s + shift)
-        self.factor_loadings_ = to_numpy(loadings * s)
-        self.noise_variance_ = to_numpy(torch.exp(log_noise + 2.0 * math.log(s)))
+        self.factor_loadings_ = to_numpy(loadings * s[:, None])
+        self.noise_variance_ = to_numpy(torch.exp(log_noise + 2.0 * torch.log(s)))
         self.__dict__.pop("_optimizer", None)
         if not (self.keep_ode or self.warm_start):
             del self.module_
@@ -617,11 +626,11 @@ class CPMMEstimator(BaseDeepMixture):
         Y, log_jac = self._preprocess(X)
         c = self._components
         log_prob, joint = mixture_log_prob(
-            (Y - c["shift"]) / self.scale_, c["log_weights"], c["means"], c["loadings"],
+            (Y - c["shift"]) / c["scale"], c["log_weights"], c["means"], c["loadings"],
             c["log_noise_var"],
         )
         log_resp = joint - log_prob[:, None]
-        return log_prob + log_jac - X.shape[1] * math.log(self.scale_), log_resp
+        return log_prob + log_jac - torch.log(c["scale"]).sum(), log_resp
 
     def _work_per_row(self):
         K = self.n_components * self.n_points_per_trajectory
@@ -636,7 +645,7 @@ class CPMMEstimator(BaseDeepMixture):
         D = c["means"].shape[-1]
         Z = mfa_sample(c["means"].reshape(C * G, D), c["loadings"].reshape(C * G, D, -1),
                        c["log_noise_var"].reshape(C * G, D), flat, generator)
-        return self._postprocess(Z * self.scale_ + c["shift"]), flat // G
+        return self._postprocess(Z * c["scale"] + c["shift"]), flat // G
 
     def _postprocess(self, Y):
         return logit_inverse(Y) if self.preprocessing == "logit" else Y
@@ -702,14 +711,21 @@ def _shared_generator(ctx):
     return torch.Generator(device=ctx.device).manual_seed(broadcast_object(seed))
 
 
-def _standardization(Y, partition):
-    """Per-feature mean (D,) and global standard deviation () of the rows of
-    all shards (in float64: the squares of huge inputs stay finite)."""
+def _standardization(Y, partition, relative_floor=1e-4):
+    """Per-feature mean (D,), scale (D,) and the mean variance of the rows of
+    all shards.
+
+    ``scale_j = sqrt(var_j + relative_floor * mean(var))``: every feature gets
+    unit variance (the optimizer's steps are then in units of each feature's
+    spread), except (nearly) constant features, which keep a small scale
+    instead of a division by zero. In float64: squares of huge inputs stay finite.
+    """
     Y = Y.double()
     n = partition.n_total
     shift = partition.sum(Y.sum(0)) / n
-    sq = partition.sum((Y - shift).square().sum(0))
-    return shift, (sq.sum() / (n * Y.shape[1])).sqrt().clamp_min(1e-12)
+    var = partition.sum((Y - shift).square().sum(0)) / n
+    mean_var = torch.where(var.mean() > 0, var.mean(), 1.0)  # 1: every feature constant
+    return shift, (var + relative_floor * mean_var).sqrt(), mean_var
 
 
 def _moments(Z, partition):

@@ -405,3 +405,31 @@ def test_progress_steps_cover_every_phase(rings, monkeypatch):
     steps.clear()
     est = _small(init_iter=3, max_iter=2, tol=0.0).fit(X)
     assert steps.count("pre-fit") == 3 and len(steps) == 3 + 2
+
+
+def test_standardisation_and_variance_floor():
+    rng = np.random.RandomState(0)
+    X = np.c_[rng.normal(5.0, 3.0, size=(200, 2)), np.zeros(200), rng.normal(0, 0.01, 200)]
+    est = _small(min_variance=1e-3, max_iter=2, dtype="float64").fit(X)
+    np.testing.assert_allclose(est.shift_, X.mean(0))
+    var = X.var(0)
+    np.testing.assert_allclose(est.scale_, np.sqrt(var + 1e-4 * var.mean()))
+    # every noise variance is above the floor, relative to the mean variance
+    assert np.all(est.noise_variance_ > 1e-3 * var.mean())
+    # the constant feature: finite scores, its values are still in the model
+    assert np.all(np.isfinite(est.score_samples(X)))
+    assert np.all(np.abs(est.means_[:, :, 2]) < 1e-2)
+
+
+@pytest.mark.slow
+def test_default_fit_on_digits_converges():
+    import warnings
+
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+
+    X = load_digits().data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = CPMMEstimator(random_state=0).fit(X)
+    assert est.converged_ and est.n_iter_ < est.max_iter

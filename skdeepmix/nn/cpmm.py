@@ -333,7 +333,7 @@ def _interpolation_weights(grid, times, interp):
 class CPMMNet(nn.Module):
     """Hierarchical continuously parameterized mixture of factor analysers.
 
-    Works on standardised data ``z = (y - shift) / scale`` (buffers set by
+    Works on standardised data ``z = (y - shift) / scale`` (per-feature buffers set by
     the estimator from the training data).
 
     Parameters
@@ -358,7 +358,8 @@ class CPMMNet(nn.Module):
     weights_in_state : bool
         Put ``log pi`` in the state (else ``pi_c(t_j) = 1/G``).
     min_variance : float
-        Soft floor of the noise variances ``d`` (standardised units).
+        Soft floor of the noise variances ``d``, relative to the data's mean
+        variance (see :meth:`set_standardization`).
     method, step_size, rtol, atol, adjoint, checkpoint :
         Solver settings (see :func:`solve_ode`).
     interp : {'cubic', 'linear'}
@@ -368,7 +369,7 @@ class CPMMNet(nn.Module):
 
     def __init__(self, n_features, n_clusters, rank, *, augment_factor=2.0, hidden=128,
                  depth=3, activation="sin", image_shape=None, shared_ode=True,
-                 weights_in_state=False, min_variance=math.exp(-6.0), method="rk4",
+                 weights_in_state=False, min_variance=1e-4, method="rk4",
                  step_size=0.25, rtol=1e-3, atol=1e-4, adjoint=False, checkpoint=False,
                  interp="cubic"):
         super().__init__()
@@ -377,7 +378,7 @@ class CPMMNet(nn.Module):
         self.interp = interp
         D, R, C = int(n_features), int(rank), int(n_clusters)
         self.n_features, self.rank, self.n_clusters = D, R, C
-        self.log_floor = math.log(min_variance)
+        self.min_variance = float(min_variance)
         self.weights_in_state = bool(weights_in_state)
         self.solver = dict(method=method, step_size=step_size, rtol=rtol, atol=atol,
                            adjoint=adjoint)
@@ -409,15 +410,25 @@ class CPMMNet(nn.Module):
         self.initial_state = nn.Parameter(torch.empty(C, self.state_dim))
         self.cluster_logits = nn.Parameter(torch.empty(C))
         self.register_buffer("shift", torch.empty(D))
-        self.register_buffer("scale", torch.empty(()))
+        self.register_buffer("scale", torch.empty(D))
+        self.register_buffer("log_floor", torch.empty(D))
 
     def reset_parameters(self, generator):
         """Initialise every parameter and buffer (ODE layers from ``generator``)."""
         self.func.reset_parameters(generator)
         self.initial_state.zero_()
         self.cluster_logits.zero_()
-        self.shift.zero_()
-        self.scale.fill_(1.0)
+        D = self.n_features
+        self.set_standardization(self.shift.new_zeros(D), self.scale.new_ones(D))
+
+    def set_standardization(self, shift, scale, mean_variance=1.0):
+        """Standardise the data as ``z = (y - shift) / scale`` (per feature),
+        with the noise-variance floor ``min_variance * mean_variance`` in the
+        data's units (``log_floor`` in the standardised units)."""
+        self.shift.copy_(shift)
+        self.scale.copy_(scale)
+        floor = math.log(self.min_variance * float(mean_variance))
+        self.log_floor.copy_(floor - 2.0 * torch.log(self.scale))
 
     # ------------------------------------------------------------ state layout
     def init_state(self, means, log_noise, loadings_scale=0.1, alpha_scale=0.0,
@@ -545,7 +556,7 @@ class CPMMNet(nn.Module):
 
     def standardize(self, Y):
         """``(Y - shift) / scale`` and the log-Jacobian of the map (a float)."""
-        return (Y - self.shift) / self.scale, -Y.shape[1] * float(torch.log(self.scale))
+        return (Y - self.shift) / self.scale, -float(torch.log(self.scale).sum())
 
 
 def mixture_log_prob(X, log_weights, means, loadings, log_noise_var):

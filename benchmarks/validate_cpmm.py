@@ -1,0 +1,311 @@
+"""CPMMEstimator's defaults against flat Gaussian mixtures, on data nobody tuned them for.
+
+Protocol (see ``benchmarks/README.md``): every data set has a training part,
+a validation part taken from the training data, and a test part that is only
+used for the reported numbers.
+
+* ``digits``: ``sklearn.datasets.load_digits`` (values 0..16), dequantised
+  ``(x + u) / 17``; stratified 60 / 20 / 20 % train / validation / test.
+* ``mnist``: 6 000 random MNIST training images (train), 2 000 other training
+  images (validation), 2 000 test images; dequantised ``(255 x + u) / 256``.
+* ``-logit`` variants: the same data through the logit transform
+  (``preprocessing='logit'``, alpha = 1e-6, log-Jacobian included). MNIST-logit
+  gives the estimator the quantised pixels and lets it dequantise afresh each
+  epoch (its default); digits-logit gives it the dequantised values
+  (``dequantize=False``: its levels are not 256).
+
+Held-out likelihood in bits/dim (``skdeepmix.metrics.bits_per_dim`` with 17
+or 256 levels; lower is better) and Hungarian clustering accuracy.
+
+Baselines (scikit-learn ``GaussianMixture``, fitted on the training part):
+the *matched* GMM (10 components, diagonal and full, ``reg_covar`` chosen on
+validation) and the *best* GMM (covariance type, number of components and
+``reg_covar`` chosen on validation). CPMM: the defaults (only ``image_shape``
+and, for the logit rows, ``preprocessing``/``dequantize`` given), and any
+``--tuned`` configurations, labelled tuned.
+
+    nice -n 10 python benchmarks/validate_cpmm.py \
+        --tuned 'mnist-logit={"rank": 16}'   # the report (test split)
+    nice -n 10 python benchmarks/validate_cpmm.py --search '{"min_variance": 1e-5}' \\
+        --datasets digits mnist   # a candidate setting on the validation splits
+
+One torch thread; fit times are noisy (shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATASETS = ("digits", "digits-logit", "mnist", "mnist-logit")
+LOGIT_ALPHA = 1e-6
+
+
+# ------------------------------------------------------------------ data
+def load(name, n_train=6000):
+    """``dict(train, val, test, y_*, levels, fit_kwargs, image_shape)`` for a data set.
+
+    ``train``/``val``/``test`` are what the CPMM gets (fit and score);
+    ``*_gmm`` the baselines' versions (in the logit space for '-logit').
+    """
+    base = name.replace("-logit", "")
+    logit = name.endswith("-logit")
+    rng = np.random.RandomState(0)
+    if base == "digits":
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        X, y = load_digits(return_X_y=True)
+        X = (X + rng.uniform(size=X.shape)) / 17.0
+        idx = np.arange(len(X))
+        rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=0)
+        train, val = train_test_split(rest, test_size=0.25, stratify=y[rest], random_state=0)
+        parts = {"train": X[train], "val": X[val], "test": X[test],
+                 "y_train": y[train], "y_val": y[val], "y_test": y[test]}
+        data = dict(parts, levels=17, image_shape=None)
+        data["fit_kwargs"] = {"preprocessing": "logit", "dequantize": False} if logit else {}
+    else:
+        from skdeepmix.datasets import load_mnist
+
+        folder = ROOT.parent / "shared" / "data" / "mnist"
+        Xall, yall = load_mnist(folder, subset="train", random_state=0)
+        order = rng.permutation(len(Xall))
+        tr, va = order[:n_train], order[n_train:n_train + 2000]
+        Xte, yte = load_mnist(folder, subset="test", n_samples=2000, random_state=1)
+
+        def deq(X):
+            return ((255.0 * X + rng.uniform(size=X.shape)) / 256.0).astype(np.float32)
+
+        data = {"train": deq(Xall[tr]), "val": deq(Xall[va]), "test": deq(Xte),
+                "y_train": yall[tr], "y_val": yall[va], "y_test": yte,
+                "levels": 256, "image_shape": (28, 28)}
+        data["raw_train"] = Xall[tr]  # quantised k / 255, for the estimator's dequantisation
+        data["fit_kwargs"] = {"preprocessing": "logit"} if logit else {}
+    data["logit"] = logit
+    for key in ("train", "val", "test"):
+        if key in data:
+            data[key + "_gmm"] = _logit(data[key])[0] if logit else data[key]
+    return data
+
+
+def _logit(X):
+    s = LOGIT_ALPHA + (1 - 2 * LOGIT_ALPHA) * X.astype(np.float64)
+    return np.log(s) - np.log1p(-s), (math.log(1 - 2 * LOGIT_ALPHA) - np.log(s)
+                                      - np.log1p(-s)).sum(1)
+
+
+def bits_per_dim(log_prob, D, levels):
+    from skdeepmix.metrics import bits_per_dim as bpd
+
+    return bpd(log_prob, D, scale=levels)
+
+
+def cpmm_fit_data(data, split):
+    """What the CPMM is fitted on: MNIST-logit gets the quantised pixels."""
+    if data["logit"] and data["levels"] == 256 and split == "train":
+        return data["raw_train"]
+    return data[split]
+
+
+# ------------------------------------------------------------------ models
+def fit_cpmm(data, params, fit_split, eval_split):
+    from sklearn.exceptions import ConvergenceWarning
+
+    from skdeepmix import CPMMEstimator
+    from skdeepmix.metrics import clustering_accuracy
+
+    kw = {"image_shape": data["image_shape"], "random_state": 0, **data["fit_kwargs"],
+          **params}
+    X = cpmm_fit_data(data, fit_split)
+    est = CPMMEstimator(**kw)
+    start, cpu = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        est.fit(X)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    Xe = data[eval_split]
+    D = Xe.shape[1]
+    return {
+        "bpd": bits_per_dim(est.score_samples(Xe), D, data["levels"]),
+        "acc": clustering_accuracy(data["y_" + eval_split], est.predict(Xe)),
+        "seconds": seconds, "cpu_seconds": cpu, "epochs": est.n_iter_,
+        "converged": bool(est.converged_) and not any(
+            issubclass(w.category, ConvergenceWarning) for w in caught),
+        "train_bpd": bits_per_dim(est.lower_bound_, D, data["levels"]),
+    }
+
+
+def fit_gmm(data, covariance_type, K, reg, fit_split, eval_split):
+    from sklearn.mixture import GaussianMixture
+
+    from skdeepmix.metrics import clustering_accuracy
+
+    X = data[fit_split + "_gmm"]
+    start, cpu = time.perf_counter(), time.process_time()
+    gmm = GaussianMixture(K, covariance_type=covariance_type, reg_covar=reg, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gmm.fit(X)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    Xe = data[eval_split + "_gmm"]
+    ll = gmm.score_samples(Xe)
+    if data["logit"]:
+        ll = ll + _logit(data[eval_split])[1]
+    return {
+        "bpd": bits_per_dim(ll, Xe.shape[1], data["levels"]),
+        "acc": clustering_accuracy(data["y_" + eval_split], gmm.predict(Xe)),
+        "seconds": seconds, "cpu_seconds": cpu, "converged": bool(gmm.converged_),
+    }
+
+
+def gmm_grid(name):
+    """(covariance type, K, reg_covar) candidates of the baseline selection."""
+    regs = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+    if name.endswith("-logit"):
+        regs = [1e-3, 1e-2, 1e-1, 1.0]
+    full_K = (1, 10, 25, 50) if name.startswith("digits") else (1, 10)
+    grid = [("diag", K, r) for K in (10, 25, 50, 100, 250) for r in regs]
+    grid += [("full", K, r) for K in full_K for r in regs[::2] if K <= 10 or r >= regs[1]]
+    return grid
+
+
+def baselines(name, data, cache):
+    """Matched GMM(10) (diag and full) and the best GMM, chosen on validation."""
+    key = f"{name}:selection"
+    if key not in cache:
+        scores = []
+        for cov, K, reg in gmm_grid(name):
+            r = fit_gmm(data, cov, K, reg, "train", "val")
+            scores.append((cov, K, reg, r["bpd"]))
+            print(f"  [{name}] GMM {cov} K={K} reg={reg:g}: val {r['bpd']:.3f} bpd", flush=True)
+        cache[key] = scores
+    scores = cache[key]
+    rows = []
+    picks = [("matched GMM(10), diag", [s for s in scores if s[0] == "diag" and s[1] == 10]),
+             ("matched GMM(10), full", [s for s in scores if s[0] == "full" and s[1] == 10]),
+             ("best GMM (validated)", scores)]
+    for label, cands in picks:
+        cov, K, reg, val_bpd = min(cands, key=lambda s: s[3])
+        test_key = f"{name}:{cov}:{K}:{reg}:test"
+        if test_key not in cache:
+            cache[test_key] = fit_gmm(data, cov, K, reg, "train", "test")
+        rows.append({"model": f"{label}: {cov}, K={K}, reg_covar={reg:g}", "kind": "baseline",
+                     "val_bpd": val_bpd, **cache[test_key]})
+    return rows
+
+
+# ------------------------------------------------------------------ report
+def machine():
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {_n_cpus()} CPUs (shared), "
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread")
+
+
+def _n_cpus():
+    import os
+
+    return os.cpu_count()
+
+
+def markdown(results, command):
+    lines = [
+        "# CPMMEstimator: defaults against flat Gaussian mixtures",
+        "",
+        f"`{command}` — {machine()}. Fit times are wall-clock on a shared, busy 2-core "
+        "machine (noisy; CPU seconds beside them).",
+        "",
+        "Protocol: `benchmarks/README.md` and the docstring of "
+        "`benchmarks/validate_cpmm.py`. Bits/dim on the test split (lower is better; "
+        "dequantised data, FFJORD convention, 17 levels for digits and 256 for MNIST), "
+        "Hungarian clustering accuracy on the test split. Baselines chosen on the "
+        "validation split; CPMM defaults are `CPMMEstimator(image_shape=...)` (plus "
+        "`preprocessing='logit'` for the logit rows). Converged: no ConvergenceWarning.",
+        "",
+        "| dataset | model | test bits/dim | accuracy | fit time (s) | CPU (s) | epochs | converged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in results.items():
+        for r in rows:
+            lines.append(
+                f"| {name} | {r['model']} | {r['bpd']:.3f} | {100 * r['acc']:.1f} % | "
+                f"{r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r.get('epochs', '-')} | "
+                f"{'yes' if r['converged'] else 'no'} |")
+    lines.append("")
+    for name, rows in results.items():
+        default = next(r for r in rows if r["kind"] == "default")
+        base = [r for r in rows if r["kind"] == "baseline"]
+        best = min(base, key=lambda r: r["bpd"])
+        verdict = "better" if default["bpd"] < best["bpd"] else "NOT better"
+        lines.append(f"* {name}: defaults {default['bpd']:.3f} bits/dim vs the best baseline "
+                     f"{best['bpd']:.3f} ({verdict}); accuracy {100 * default['acc']:.1f} % vs "
+                     f"matched GMM(10) {100 * max(r['acc'] for r in base[:2]):.1f} %.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--search", action="append", default=[],
+                        help="JSON parameters of a candidate, scored on the validation split")
+    parser.add_argument("--tuned", action="append", default=[],
+                        help="DATASET=JSON: parameters of a tuned row of the report "
+                             "(labelled tuned; chosen on the validation split)")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="only fill the cache of the baselines")
+    parser.add_argument("--n-train", type=int, default=6000)
+    parser.add_argument("--cache", default=str(ROOT / "benchmarks" / "results"
+                                               / "defaults_cpmm_gmm_cache.json"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"
+                                                / "defaults_cpmm.md"))
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    if args.search:
+        for name in args.datasets:
+            data = load(name, args.n_train)
+            for text in args.search:
+                r = fit_cpmm(data, json.loads(text), "train", "val")
+                print(json.dumps({"dataset": name, "params": json.loads(text), **r}), flush=True)
+        return
+    cache_path = Path(args.cache)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    results = {}
+    for name in args.datasets:
+        data = load(name, args.n_train)
+        rows = baselines(name, data, cache)
+        cache_path.write_text(json.dumps(cache, indent=1))
+        if args.baselines_only:
+            continue
+        r = fit_cpmm(data, {}, "train", "test")
+        rows.append({"model": "**CPMM defaults**", "kind": "default", **r})
+        print(f"[{name}] defaults: {r}", flush=True)
+        for entry in args.tuned:
+            target, text = entry.split("=", 1)
+            if target != name:
+                continue
+            r = fit_cpmm(data, json.loads(text), "train", "test")
+            rows.append({"model": f"CPMM tuned `{text}`", "kind": "tuned", **r})
+            print(f"[{name}] tuned {text}: {r}", flush=True)
+        results[name] = rows
+    if args.baselines_only:
+        return
+    command = "python benchmarks/validate_cpmm.py " + " ".join(sys.argv[1:])
+    Path(args.output).write_text(markdown(results, command.strip()))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
