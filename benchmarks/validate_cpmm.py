@@ -194,44 +194,103 @@ def baselines(name, data, cache):
     rows = []
     picks = [("matched GMM(10), diag", [s for s in scores if s[0] == "diag" and s[1] == 10]),
              ("matched GMM(10), full", [s for s in scores if s[0] == "full" and s[1] == 10]),
-             ("best GMM (validated)", scores)]
+             ("best GMM", scores)]
     for label, cands in picks:
         cov, K, reg, val_bpd = min(cands, key=lambda s: s[3])
         test_key = f"{name}:{cov}:{K}:{reg}:test"
         if test_key not in cache:
             cache[test_key] = fit_gmm(data, cov, K, reg, "train", "test")
-        rows.append({"model": f"{label}: {cov}, K={K}, reg_covar={reg:g}", "kind": "baseline",
-                     "val_bpd": val_bpd, **cache[test_key]})
+        rows.append({"model": f"{label} (validated: {cov}, K={K}, reg_covar={reg:g})",
+                     "kind": "baseline", "val_bpd": val_bpd, **cache[test_key]})
+    return rows
+
+
+def raw_digits_fits(seeds=(0, 1, 2)):
+    """Default fits on ``load_digits().data`` as a user runs them (integers 0..16)."""
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+
+    from skdeepmix import CPMMEstimator
+    from skdeepmix.metrics import clustering_accuracy
+
+    X, y = load_digits(return_X_y=True)
+    rows = []
+    for seed in seeds:
+        start, cpu = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            est = CPMMEstimator(random_state=seed).fit(X)
+        rows.append({
+            "seed": seed, "epochs": est.n_iter_, "log_likelihood": est.score(X),
+            "acc": clustering_accuracy(y, est.predict(X)),
+            "warning": any(issubclass(w.category, ConvergenceWarning) for w in caught),
+            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+        })
+        print(f"[load_digits raw] {rows[-1]}", flush=True)
     return rows
 
 
 # ------------------------------------------------------------------ report
+NOTES = """\
+## Notes
+
+* **Defaults** (chosen on the validation splits, never on a test split; what was tried
+  is in `doc/cpmm.md`): `n_components=10, n_points_per_trajectory=25, rank=8,
+  hidden_size=32, ode_step_size=0.5` (RK4), `min_variance=1e-4` (relative to the mean
+  feature variance), `learning_rate=3e-3, batch_size=256, max_iter=200, tol=1e-3`
+  (smoothed relative test), no curriculum. The tuned row changes only what it shows;
+  its setting was picked on the validation split (rank 16: 2.087 bits/dim after 18
+  epochs there, against 2.18 for rank 8 and 2.062 for the validated full Gaussian).
+* **mnist-logit: not better than the best flat GMM, and why.** In the logit space the
+  validated baseline is a *single* full-covariance Gaussian (shrunk by
+  `reg_covar=0.1`): it models every pixel correlation, while each CPMM component has
+  a rank-8 factor covariance. More rank closes most of the gap (rank 16: 2.078) but
+  costs time and overfits `load_digits` (2.73 against 2.64 bits/dim on its validation
+  split), so the default stays at 8. The paper's CPMM (2.21 bits/dim on the full 60k
+  MNIST) does not beat this baseline either; the paper compares with GMMs of 10 and
+  250 components only, which the defaults beat here too (2.36 and 2.29 on validation).
+* **Clustering accuracy** is reported, not optimised: on digits in pixel space and on
+  MNIST in pixel space the matched GMM(10) clusters better (85.8 % vs 75.6 %, 50.1 %
+  vs 45.4 %); in both logit spaces the CPMM does (79.4 % vs 63.9 %, 57.6 % vs 53.9 %).
+  The validated best GMMs have many components, so their Hungarian accuracy (10 of
+  their clusters matched to the classes) is low by construction.
+* **Fit time.** The default fit on 6 000 MNIST images converged in 45 epochs, 263 CPU
+  seconds on one thread (606 s wall on the busy machine); the previous defaults took
+  22 minutes on two threads (issue 13).
+"""
+
+
 def machine():
+    import os
+
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {_n_cpus()} CPUs (shared), "
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
             f"torch {torch.__version__}, {torch.get_num_threads()} thread")
 
 
-def _n_cpus():
-    import os
-
-    return os.cpu_count()
-
-
-def markdown(results, command):
+def markdown(results, raw_rows, command):
     lines = [
         "# CPMMEstimator: defaults against flat Gaussian mixtures",
         "",
         f"`{command}` — {machine()}. Fit times are wall-clock on a shared, busy 2-core "
         "machine (noisy; CPU seconds beside them).",
         "",
-        "Protocol: `benchmarks/README.md` and the docstring of "
-        "`benchmarks/validate_cpmm.py`. Bits/dim on the test split (lower is better; "
-        "dequantised data, FFJORD convention, 17 levels for digits and 256 for MNIST), "
-        "Hungarian clustering accuracy on the test split. Baselines chosen on the "
-        "validation split; CPMM defaults are `CPMMEstimator(image_shape=...)` (plus "
-        "`preprocessing='logit'` for the logit rows). Converged: no ConvergenceWarning.",
+        "Protocol (the docstring of `benchmarks/validate_cpmm.py`): every data set has a "
+        "training part, a validation part taken from the training data and a test part. "
+        "`digits`: `load_digits` dequantised `(x + u) / 17`, stratified 60/20/20 %; "
+        "`mnist`: 6 000 training images to fit, 2 000 other training images to validate, "
+        "2 000 test images, dequantised `(255 x + u) / 256`; `-logit`: the same data "
+        "through the logit transform (alpha = 1e-6, log-Jacobian included). Bits/dim on "
+        "the test split (lower is better; FFJORD convention, 17 levels for digits, 256 "
+        "for MNIST) and Hungarian clustering accuracy on the test split. Baselines "
+        "(scikit-learn `GaussianMixture`) fitted on the training part, their covariance "
+        "type, number of components (diag: 10-250; full: 1-50 on digits, 1 and 10 on "
+        "MNIST) and `reg_covar` chosen on the validation split. CPMM defaults are "
+        "`CPMMEstimator(random_state=0)` with only the data's layout given: "
+        "`image_shape=(28, 28)` for MNIST (digits: flat rows, the MLP ODE), plus "
+        "`preprocessing='logit'` for the logit rows. Converged: `converged_` and no "
+        "ConvergenceWarning.",
         "",
         "| dataset | model | test bits/dim | accuracy | fit time (s) | CPU (s) | epochs | converged |",
         "|---|---|---|---|---|---|---|---|",
@@ -251,7 +310,18 @@ def markdown(results, command):
         lines.append(f"* {name}: defaults {default['bpd']:.3f} bits/dim vs the best baseline "
                      f"{best['bpd']:.3f} ({verdict}); accuracy {100 * default['acc']:.1f} % vs "
                      f"matched GMM(10) {100 * max(r['acc'] for r in base[:2]):.1f} %.")
-    return "\n".join(lines) + "\n"
+    if raw_rows:
+        lines += [
+            "", "## Default fits on `load_digits` as a user runs them",
+            "", "`CPMMEstimator(random_state=seed).fit(load_digits().data)` (integers 0..16, "
+            "no dequantisation; training-set numbers):", "",
+            "| seed | epochs | ConvergenceWarning | mean log-likelihood | accuracy | "
+            "fit time (s) | CPU (s) |", "|---|---|---|---|---|---|---|"]
+        for r in raw_rows:
+            lines.append(f"| {r['seed']} | {r['epochs']} | {'yes' if r['warning'] else 'no'} "
+                         f"| {r['log_likelihood']:.2f} | {100 * r['acc']:.1f} % | "
+                         f"{r['seconds']:.0f} | {r['cpu_seconds']:.0f} |")
+    return "\n".join(lines) + "\n\n" + NOTES
 
 
 def main(argv=None):
@@ -265,6 +335,11 @@ def main(argv=None):
     parser.add_argument("--baselines-only", action="store_true",
                         help="only fill the cache of the baselines")
     parser.add_argument("--n-train", type=int, default=6000)
+    parser.add_argument("--runs", default=str(ROOT / "benchmarks" / "results"
+                                              / "defaults_cpmm_runs.json"),
+                        help="the rows of the report (JSON), written after each fit")
+    parser.add_argument("--from-runs", action="store_true",
+                        help="only rewrite the markdown from --runs (no fitting)")
     parser.add_argument("--cache", default=str(ROOT / "benchmarks" / "results"
                                                / "defaults_cpmm_gmm_cache.json"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"
@@ -280,9 +355,15 @@ def main(argv=None):
                 r = fit_cpmm(data, json.loads(text), "train", "val")
                 print(json.dumps({"dataset": name, "params": json.loads(text), **r}), flush=True)
         return
-    cache_path = Path(args.cache)
+    cache_path, runs_path = Path(args.cache), Path(args.runs)
+    command = "python benchmarks/validate_cpmm.py " + " ".join(sys.argv[1:])
+    if args.from_runs:
+        runs = json.loads(runs_path.read_text())
+        Path(args.output).write_text(markdown(runs["results"], runs["raw_digits"],
+                                              runs["command"]))
+        return
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    results = {}
+    results, raw_rows = {}, []
     for name in args.datasets:
         data = load(name, args.n_train)
         rows = baselines(name, data, cache)
@@ -300,10 +381,15 @@ def main(argv=None):
             rows.append({"model": f"CPMM tuned `{text}`", "kind": "tuned", **r})
             print(f"[{name}] tuned {text}: {r}", flush=True)
         results[name] = rows
+        runs_path.write_text(json.dumps({"command": command, "results": results,
+                                         "raw_digits": raw_rows}, indent=1))
     if args.baselines_only:
         return
-    command = "python benchmarks/validate_cpmm.py " + " ".join(sys.argv[1:])
-    Path(args.output).write_text(markdown(results, command.strip()))
+    if "digits" in args.datasets:
+        raw_rows = raw_digits_fits()
+    runs_path.write_text(json.dumps({"command": command, "results": results,
+                                     "raw_digits": raw_rows}, indent=1))
+    Path(args.output).write_text(markdown(results, raw_rows, command.strip()))
     print(f"wrote {args.output}")
 
 

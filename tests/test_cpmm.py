@@ -347,21 +347,25 @@ def test_toy_data_sets():
         make_spiral_arms(10, outlier_fraction=1.5)
 
 
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
 @pytest.mark.parametrize("interp", ["linear", "cubic"])
-def test_trajectory_interpolation_matches_torchdiffeq(interp):
+def test_trajectory_interpolation_matches_torchdiffeq(interp, method):
     from torchdiffeq import odeint
 
     g = torch.Generator().manual_seed(0)
-    net = build_module(lambda: CPMMNet(3, 2, 1, hidden=8, step_size=0.25, interp=interp), g,
-                       torch.device("cpu"), torch.float64)
+    net = build_module(lambda: CPMMNet(3, 2, 1, hidden=8, step_size=0.25, interp=interp,
+                                       method=method),
+                       g, torch.device("cpu"), torch.float64)
     with torch.no_grad():
         net.initial_state.normal_(generator=g)
     times = torch.tensor([0.05, 0.3, 0.5, 0.77, 1.0], dtype=torch.float64)
     ours = net.trajectory(times)
     grid = torch.cat([times.new_zeros(1), times])
-    ref = odeint(net.func, net.initial_state, grid, method="rk4",
+    ref = odeint(net.func, net.initial_state, grid, method=method,
                  options={"step_size": 0.25, "interp": interp})[1:].transpose(0, 1)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    # only the MFA columns
+    torch.testing.assert_close(net.trajectory(times, 5), ref[..., :5], rtol=1e-10, atol=1e-10)
 
 
 def test_cnn_state_layout_is_channels_last():
