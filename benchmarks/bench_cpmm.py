@@ -70,10 +70,11 @@ def teacher_bpd(est, X_deq):
     """Test bits/dim of the flow teacher (Hutchinson trace, 4 probes averaged)."""
     Xt = torch.as_tensor(X_deq, dtype=torch.float32)
     Y, log_jac = est._preprocess(Xt)
-    Z = (Y - est._shift) / est._scale
-    lls = [est.teacher_.log_prob(Z, torch.Generator().manual_seed(k)).detach()
+    scale = torch.as_tensor(est.scale_, dtype=torch.float32)
+    Z = (Y - torch.as_tensor(est.shift_, dtype=torch.float32)) / scale
+    lls = [est.teacher_.float().log_prob(Z, torch.Generator().manual_seed(k)).detach()
            for k in range(4)]
-    ll = torch.stack(lls).mean(0) + log_jac - Xt.shape[1] * math.log(est._scale)
+    ll = torch.stack(lls).mean(0) + log_jac - torch.log(scale).sum()
     return bits_per_dim(ll.numpy().astype(np.float64), Xt.shape[1])
 
 
@@ -145,7 +146,7 @@ def run_mnist(args, lines, images_dir):
             gmb.score_samples(Yte) + jac_te, comp_cluster[gmb.predict(Yte)], time.time() - t)
 
     common = dict(
-        n_clusters=C, n_components_per_cluster=G, rank=R, image_shape=(28, 28),
+        n_components=C, n_points_per_trajectory=G, rank=R, image_shape=(28, 28),
         hidden_size=args.hidden, augment_factor=args.augment, ode_step_size=0.25,
         preprocessing="logit", batch_size=args.batch_size, learning_rate=args.lr,
         entropy_reg=args.entropy_reg, tol=0.0, random_state=0, verbose=0,
@@ -157,8 +158,8 @@ def run_mnist(args, lines, images_dir):
          + {"random": ", random start", "kmeans": ", k-means start in latent space",
             "kmeans_input": ", k-means start"}[args.curriculum_init]
          + ")", dict(
-            curriculum="flow", n_spaces=args.n_spaces, space_epochs=args.space_epochs,
-            teacher_max_iter=args.teacher_epochs, teacher_init=args.teacher_init,
+            curriculum="flow", n_spaces=args.n_spaces, space_iter=args.space_epochs,
+            teacher_iter=args.teacher_epochs, teacher_init=args.teacher_init,
             teacher_hidden_size=args.teacher_hidden, max_iter=args.finetune_epochs,
             curriculum_init=args.curriculum_init, learning_rate=args.curriculum_lr,
             restart_optimizer=not args.no_restart)),
@@ -170,7 +171,7 @@ def run_mnist(args, lines, images_dir):
         est = CPMMEstimator(**{**common, **kw, "keep_teacher": bool(kw["curriculum"])})
         est.fit(Xtr01)
         seconds = time.time() - t
-        n_space = len(est.curriculum_history_) * est.space_epochs
+        n_space = len(est.curriculum_history_) * est.space_iter
         steps = math.ceil(len(Xtr01) / args.batch_size)
         note = (f"{n_space + est.n_iter_} CPMM epochs ({n_space} on curriculum spaces + "
                 f"{est.n_iter_} on the input space), {(n_space + est.n_iter_) * steps} Adam "
@@ -257,8 +258,8 @@ def run_toys(args, lines, images_dir):
         Xt, yt = maker(args.n_toy, random_state=1)
         t = time.time()
         est = CPMMEstimator(
-            n_clusters=C, n_components_per_cluster=25, rank=1, curriculum="flow",
-            n_spaces=args.n_spaces_toy, teacher_max_iter=args.teacher_epochs_toy,
+            n_components=C, n_points_per_trajectory=25, rank=1, curriculum="flow",
+            n_spaces=args.n_spaces_toy, teacher_iter=args.teacher_epochs_toy,
             max_iter=args.toy_epochs, tol=0.0, batch_size=128, learning_rate=3e-3,
             entropy_reg=0.1, random_state=0,
         ).fit(X)

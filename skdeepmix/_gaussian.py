@@ -46,6 +46,7 @@ __all__ = [
     "log_dirichlet_norm",
     "variational_lower_bound",
     "mfa_log_prob",
+    "mfa_log_prob_unchecked",
     "mfa_sample",
     "mfa_covariances",
 ]
@@ -961,3 +962,43 @@ def mfa_sample(means, loadings, log_noise_var, components, generator):
         + (A @ z.unsqueeze(-1)).squeeze(-1)
         + torch.exp(0.5 * log_noise_var[components]) * eps
     )
+
+
+# --- added for CPMMEstimator
+def mfa_log_prob_unchecked(X, means, loadings, log_noise_var):
+    """:func:`mfa_log_prob` for training loops: no host synchronisation.
+
+    The same density, with two differences: the positive-definiteness of
+    ``L_k = I + A_k^T D_k^-1 A_k`` is not checked (a numerical breakdown, e.g.
+    after a diverging optimizer step, gives NaN, which the training loop's
+    divergence check reports, instead of a host-synchronising test per
+    call), and the sample-dependent projections come from one matrix product:
+    with ``W_k = chol(L_k)^-1 A_k^T D_k^-1`` (``R x D``, formed once per
+    component), ``[-2 mu_k D_k^-1 ; W_k] x`` for all ``k`` at once, so that
+    no batched ``R x R`` solve per sample remains.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n_samples, n_features)
+    means : Tensor of shape (n_components, n_features)
+    loadings : Tensor of shape (n_components, n_features, rank)
+    log_noise_var : Tensor of shape (n_components, n_features)
+
+    Returns
+    -------
+    log_prob : Tensor of shape (n_samples, n_components)
+    """
+    K, D, R = loadings.shape
+    inv_d = torch.exp(-log_noise_var)  # (K, D)
+    scaled = loadings * inv_d[..., None]  # (K, D, R) = D^-1 A
+    eye = torch.eye(R, dtype=loadings.dtype, device=loadings.device)
+    chol, _ = torch.linalg.cholesky_ex(eye + loadings.transpose(-1, -2) @ scaled)
+    log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    log_det = log_det + log_noise_var.sum(-1)  # (K,)
+    W = torch.linalg.solve_triangular(chol, scaled.transpose(-1, -2), upper=False)  # (K, R, D)
+    mean_scaled = means * inv_d
+    projected = X @ torch.cat([-2.0 * mean_scaled, W.reshape(K * R, D)]).T  # (n, K + K R)
+    solved = projected[:, K:].reshape(-1, K, R) - (W @ means[..., None]).squeeze(-1)
+    quad = (X * X) @ inv_d.T + projected[:, :K] + (means * mean_scaled).sum(-1)  # (n, K)
+    maha = (quad - solved.square().sum(-1)).clamp_min(0.0)
+    return -0.5 * (D * LOG_2PI + log_det + maha)

@@ -12,38 +12,53 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import BaseDeepMixture
+from ._distributed import RowPartition, broadcast_object
+from ._docstrings import fill_doc
 from ._gaussian import mfa_sample
-from ._torch_utils import to_numpy
-from ._train import iter_minibatches
-from .nn.cpmm import ADAPTIVE_METHODS, FIXED_STEP_METHODS, CPMMNet, mixture_log_prob
+from ._kmeans import kmeans
+from ._torch_utils import build_module, chunk_rows, to_numpy
+from ._train import make_optimizer, smoothed_converged, train_epoch, train_step
+from .nn.cpmm import (
+    ADAPTIVE_METHODS,
+    FIXED_STEP_METHODS,
+    CPMMNet,
+    dequantize,
+    logit_inverse,
+    logit_transform,
+    mixture_log_prob,
+)
 from .nn.flows import CNF
 
 __all__ = ["CPMMEstimator"]
 
-_LOGIT_ALPHA = 1e-6
 
-
-def _seed_from(generator):
-    return int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device))
-
-
+@fill_doc(
+    tol=1e-3,
+    max_iter=200,
+    tol_meaning=(
+        "Training stops when the mean training log-likelihood, averaged over "
+        "3 epochs, improves by less than ``tol`` times its magnitude on the 3 "
+        "epochs before (``skdeepmix._train.smoothed_converged``)."
+    ),
+    iteration="epochs on the input space (after the curriculum)",
+)
 class CPMMEstimator(BaseDeepMixture):
     """Continuously parameterized (hierarchical) mixture of factor analysers.
 
     A neural ODE (``torchdiffeq``) evolves the parameters of a mixture of
     factor analysers (MFA) along a pseudotime ``t in [0, 1]``. Each of the
-    ``n_clusters`` learnable initial states spans one trajectory, i.e. one
+    ``n_components`` learnable initial states spans one trajectory, i.e. one
     cluster, whose components are the MFA parameters read off the trajectory
-    at ``n_components_per_cluster`` pseudotimes::
+    at ``n_points_per_trajectory`` pseudotimes::
 
         p(x) = sum_c eta_c sum_j pi_c(t_j) N(x; mu_c(t_j), A_c(t_j) A_c(t_j)^T + D_c(t_j))
 
-    Training maximises the likelihood with Adam on mini-batches (pseudotimes
+    Training maximises the likelihood with mini-batch gradients (pseudotimes
     drawn uniformly per step, or fixed). With ``curriculum='flow'`` a
     continuous normalizing flow teacher is first trained to map the data to
-    ``N(0, I)``; the model is then trained for one epoch on each intermediate
-    space ``u_v(x)``, ``v = 1 -> 0`` (``n_spaces`` of them), before the
-    ``max_iter`` fine-tuning epochs on the input space. With
+    ``N(0, I)``; the model is then trained for ``space_iter`` epochs on each
+    intermediate space ``u_v(x)``, ``v = 1 -> 0`` (``n_spaces`` of them),
+    before the ``max_iter`` epochs on the input space. With
     ``curriculum=None`` the trajectories start at k-means centroids.
 
     After ``fit`` the components are extracted at evenly spaced pseudotimes
@@ -51,43 +66,58 @@ class CPMMEstimator(BaseDeepMixture):
     ``keep_teacher``), so ``score_samples``, ``predict`` and ``sample`` need
     no ODE solve. ``predict`` returns the cluster (trajectory) ``c``.
 
-    The model is trained on internally standardised data (per-feature mean,
-    one global scale); the fitted parameters and densities are in the input
-    space (or in the logit space for ``preprocessing='logit'``, the densities
-    then include the log-Jacobian, so they are densities of ``X`` itself).
+    The model is trained on internally standardised data
+    ``z = (T(x) - shift_) / scale_`` (``T``: the preprocessing; per-feature
+    mean and scale, so that the optimizer's steps are in units of each
+    feature's spread); the fitted parameters and the densities are in the
+    input space (or in the logit space for ``preprocessing='logit'``; the
+    densities then include the log-Jacobian, so they are densities of ``X``
+    itself).
 
     Parameters
     ----------
-    n_clusters : int, default=10
+    n_components : int, default=10
         ``C``, number of trajectories (clusters).
-    n_components_per_cluster : int, default=25
-        ``G``, pseudotimes per trajectory during training and at extraction.
-    rank : int, default=4
+    n_points_per_trajectory : int, default=25
+        ``G``, pseudotimes (components) per trajectory during training and at
+        extraction (paper: 25).
+    rank : int, default=8
         ``R``, rank of the factor loadings.
     augment_factor : float, default=2.0
         Size of the augmented state ``alpha`` relative to the unaugmented
         state (paper: 2-4; for images: extra channels per state channel).
-    hidden_size : int, default=128
-        Width of the ODE function (MLP units, or CNN channels).
+    hidden_size : int, default=32
+        Width of the ODE function (MLP units, or CNN channels; the cost of the
+        CNN grows with its square).
     ode_depth : int, default=3
         Number of layers of the ODE function.
     activation : {'sin', 'tanh'}, default='sin'
-    image_shape : tuple of int or None, default=None
-        ``(H, W)`` or ``(channels, H, W)`` of the (flattened, channel-first)
-        rows of ``X``: use the CNN ODE function over image-shaped state.
+    image_shape : tuple of int, optional
+        ``(H, W)`` or ``(H, W, C)`` of flat inputs of shape ``(n, H*W*C)``
+        (pixels in row-major order, channels last). Not needed for
+        image-shaped inputs ``(n, H, W)`` / ``(n, H, W, C)``. Images use the
+        CNN ODE function (3x3 convolutions over the state's channels).
     shared_ode : bool, default=True
         One ODE for all trajectories, or one per trajectory.
     learn_component_weights : bool, default=False
         Put ``log pi`` in the state; else ``pi_c(t_j) = 1/G``.
-    min_log_noise : float, default=-6.0
-        Soft lower clip of ``log d`` (standardised units).
+    min_variance : float, default=1e-4
+        Floor of the factor analysers' noise variances ``d``, relative to the
+        mean variance of the (preprocessed) training features: every
+        ``d_j >= min_variance * mean_k Var(x_k)`` in the input (or logit)
+        space. Applied as the paper's soft clip (``log d = m +
+        softplus(raw - m)``; the paper clips at ``log d >= -6`` in its logit
+        space). Like ``reg_covar``, it keeps components from collapsing onto
+        (nearly) constant pixels; chosen by validation (doc/cpmm.md).
     pseudotimes : {'uniform', 'fixed'}, default='uniform'
         Pseudotimes per training step: ``G`` sorted uniform draws, or the
         evenly spaced extraction times.
     ode_method : str, default='rk4'
         ``torchdiffeq`` solver.
-    ode_step_size : float, default=0.25
-        Step of the fixed-step solvers.
+    ode_step_size : float, default=0.5
+        Step of the fixed-step solvers (the default RK4 takes two steps from
+        ``t = 0`` to ``1``: 8 evaluations of the ODE function and one more
+        for the cubic interpolation).
     ode_interpolation : {'cubic', 'linear'}, default='cubic'
         States between the steps of a fixed-step solver: cubic Hermite with
         the ODE's slopes (smooth trajectories) or linear (torchdiffeq's
@@ -104,40 +134,33 @@ class CPMMEstimator(BaseDeepMixture):
         better and faster in our CPU-scale measurements, see doc/cpmm.md).
     n_spaces : int, default=51
         Spaces of the curriculum, latent and input space included.
-    space_epochs : int, default=1
-        Epochs per curriculum space (paper: 1 on the full 60k MNIST). More
-        steps per space were not better on our 4k-image MNIST validation runs
-        (2 epochs per space made the curriculum degenerate, see doc/cpmm.md).
+    space_iter : int, default=1
+        Epochs per curriculum space (paper: 1 on the full 60k MNIST).
     curriculum_init : {'random', 'kmeans', 'kmeans_input'}, default='random'
         Start of the curriculum: random start states spread over the latent
         normal (paper: random), k-means in the teacher's latent space, or
         k-means on the input space with the start states set to the clusters'
         means and variances in the latent space (``'kmeans_input'``).
     restart_optimizer : bool, default=True
-        Start every curriculum space, and the fine-tuning, with a fresh Adam
-        state. Carried over, the second-moment estimates of the earlier spaces
-        (large gradients right after each change of space; Adam's
-        ``beta2 = 0.999`` averages over ~1000 steps) shrink the steps on the
-        later spaces, and the short stages cannot follow the spaces.
-    init_trajectory_steps : int, default=0
-        With ``curriculum=None``: Adam steps fitting each trajectory's means
-        through its cluster's k-means sub-centroids (ordered along the
+        Start every curriculum space, and the epochs on the input space, with
+        a fresh optimizer state (Adam's moment estimates of the earlier spaces
+        shrink the steps on the later ones).
+    init_iter : int, default=0
+        With ``curriculum=None``: optimizer steps fitting each trajectory's
+        means through its cluster's k-means sub-centroids (ordered along the
         cluster's principal axis) before the likelihood training; 0 starts
-        from the k-means centroids only (experimental: on the digits data it
-        made the fit worse, see doc/cpmm.md).
+        from the k-means centroids only.
     teacher_init : {'gaussian', 'random'}, default='gaussian'
-        ``'gaussian'``: the teacher's dynamics get a linear term initialised at
+        ``'gaussian'``: the teacher's dynamics get a fixed linear term set to
         the maximum-likelihood Gaussian (``W = -1/2 log Sigma``, ZCA
-        whitening; exact trace), the MLP starting at zero output, so that the
-        teacher is a good flow before training and its latent space is
-        (close to) ``N(0, I)``; ``'random'``: MLP dynamics only, default
-        initialisation.
+        whitening; exact trace), the MLP starting at zero output;
+        ``'random'``: MLP dynamics only, default initialisation.
     teacher_hidden_size : int, default=64
     teacher_depth : int, default=3
-    teacher_max_iter : int, default=30
+    teacher_iter : int, default=30
         Training epochs of the flow teacher.
     teacher_learning_rate : float, default=3e-3
-    teacher_step_size : float, default=0.25
+    teacher_ode_step_size : float, default=0.25
         RK4 step of the teacher.
     entropy_reg : float, default=0.0
         Weight of the entropy of the batch-mean cluster responsibilities
@@ -152,76 +175,75 @@ class CPMMEstimator(BaseDeepMixture):
         ``score_samples`` for bits/dim.
     augment_noise : float, default=0.01
         Std of Gaussian noise added to training batches (standardised units).
+    optimizer : {'adam', 'adamw', 'sgd', 'rmsprop'}, default='adam'
+        Optimizer of every phase (teacher, pre-fit, curriculum, epochs).
     learning_rate : float, default=3e-3
     batch_size : int, default=256
     max_grad_norm : float or None, default=10.0
-    max_iter : int, default=40
-        Epochs on the input space (after the curriculum).
-    tol : float, default=1e-3
-        Stop when the epoch's mean log-likelihood changes less than this.
-    n_init : int, default=1
-    random_state : int, RandomState or None, default=None
-    warm_start : bool, default=False
-        Continue training from the fitted state (keeps the ODE).
-    verbose : int, default=0
-    device : str or torch.device, default='auto'
-    dtype : {'float32', 'float64'} or None, default=None
-        Precision of the computation and of the fitted attributes. ``None``
-        uses the input's floating dtype (float32 stays float32, anything else
-        becomes float64), as scikit-learn does.
+        Clip the global gradient norm in every phase (teacher included).
+    {shared_parameters}
     keep_ode : bool, default=False
         Keep the trained ODE module as ``module_``.
     keep_teacher : bool, default=False
         Keep the flow teacher as ``teacher_``.
-    n_threads : 'auto', int or None, default='auto'
-        CPU threads used by torch during ``fit`` (restored afterwards; the
-        setting is process-wide). ``'auto'``: one thread for the MLP ODE
-        (its many tiny operations run several times slower with more threads
-        on a busy machine), torch's default for the CNN; ``None``: torch's
-        current setting.
 
     Attributes
     ----------
-    weights_ : ndarray of shape (n_clusters, n_components_per_cluster)
+    weights_ : ndarray of shape (n_components, n_points_per_trajectory)
         ``eta_c pi_c(t_j)`` (sums to one).
-    cluster_weights_ : ndarray of shape (n_clusters,)
-    means_ : ndarray of shape (n_clusters, n_components_per_cluster, n_features)
-    factor_loadings_ : ndarray of shape (n_clusters, n_components_per_cluster, n_features, rank)
-    noise_variance_ : ndarray of shape (n_clusters, n_components_per_cluster, n_features)
-    pseudotimes_ : ndarray of shape (n_components_per_cluster,)
+    cluster_weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_points_per_trajectory, n_features)
+    factor_loadings_ : ndarray of shape (n_components, n_points_per_trajectory, n_features, rank)
+    noise_variance_ : ndarray of shape (n_components, n_points_per_trajectory, n_features)
+    pseudotimes_ : ndarray of shape (n_points_per_trajectory,)
+    shift_ : ndarray of shape (n_features,)
+        Per-feature mean of the (preprocessed) training data.
+    scale_ : ndarray of shape (n_features,)
+        Per-feature scale of the internal standardisation:
+        ``sqrt(Var(x_j) + 1e-4 * mean_k Var(x_k))`` (constant features keep a
+        small positive scale).
+    image_shape_ : tuple (H, W, C) or None
+        Image layout of the features (from ``image_shape`` or the input).
     history_ : list of dict
-        Per fine-tuning epoch: ``objective`` (mean training log-likelihood of
-        ``X``), ``loss``, ``entropy``.
+        Per epoch on the input space: ``objective`` (mean training
+        log-likelihood of ``X``) and ``loss`` (the minimised loss).
     curriculum_history_ : list of dict
         Per curriculum space: ``v`` and the mean log-likelihood in that space.
     teacher_history_ : list of dict
-        Per teacher epoch: mean log-likelihood (standardised space).
+        Per teacher epoch: the mean log-likelihood of the training data.
     module_ : CPMMNet
         Only with ``keep_ode=True`` or ``warm_start=True``.
     teacher_ : CNF
         Only with ``keep_teacher=True`` and ``curriculum='flow'``.
     converged_, n_iter_, lower_bound_, lower_bounds_, n_features_in_
 
+    Notes
+    -----
+    Under torch.distributed each process passes its shard to ``fit``: the
+    standardisation, the k-means start and the teacher's Gaussian are
+    computed from all the shards, and the gradients of every phase are
+    averaged, so every process holds the same model. A ``warm_start`` fit
+    continues with a fresh optimizer state (it is not pickled).
+
     Examples
     --------
     >>> from sklearn.datasets import load_digits
-    >>> from skdeepmix.cpmm import CPMMEstimator
+    >>> from skdeepmix import CPMMEstimator
     >>> X = load_digits().data[:200]
-    >>> est = CPMMEstimator(n_clusters=3, n_components_per_cluster=4, rank=2,
-    ...                     curriculum=None, max_iter=2, random_state=0)
+    >>> est = CPMMEstimator(n_components=3, n_points_per_trajectory=4, rank=2,
+    ...                     max_iter=2, random_state=0)
     >>> est.fit(X).means_.shape
     (3, 4, 64)
     >>> est.predict(X[:5]).shape
     (5,)
     """
 
-    _INIT_SPREAD = 0.7
-    _INIT_ALPHA = 0.0
+    _accepts_images = True
 
     _parameter_constraints: dict = {
         **BaseDeepMixture._parameter_constraints,
-        "n_clusters": [Interval(Integral, 1, None, closed="left")],
-        "n_components_per_cluster": [Interval(Integral, 1, None, closed="left")],
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "n_points_per_trajectory": [Interval(Integral, 1, None, closed="left")],
         "rank": [Interval(Integral, 1, None, closed="left")],
         "augment_factor": [Interval(Real, 0, None, closed="left")],
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
@@ -230,7 +252,7 @@ class CPMMEstimator(BaseDeepMixture):
         "image_shape": [tuple, list, None],
         "shared_ode": ["boolean"],
         "learn_component_weights": ["boolean"],
-        "min_log_noise": [Interval(Real, None, None, closed="neither")],
+        "min_variance": [Interval(Real, 0, None, closed="neither")],
         "pseudotimes": [StrOptions({"uniform", "fixed"})],
         "ode_method": [StrOptions(set(FIXED_STEP_METHODS) | set(ADAPTIVE_METHODS))],
         "ode_step_size": [Interval(Real, 0, 1, closed="right")],
@@ -241,83 +263,55 @@ class CPMMEstimator(BaseDeepMixture):
         "gradient_checkpointing": ["boolean"],
         "curriculum": [StrOptions({"flow"}), None],
         "n_spaces": [Interval(Integral, 2, None, closed="left")],
-        "space_epochs": [Interval(Integral, 1, None, closed="left")],
+        "space_iter": [Interval(Integral, 1, None, closed="left")],
         "curriculum_init": [StrOptions({"random", "kmeans", "kmeans_input"})],
         "restart_optimizer": ["boolean"],
-        "init_trajectory_steps": [Interval(Integral, 0, None, closed="left")],
+        "init_iter": [Interval(Integral, 0, None, closed="left")],
         "teacher_init": [StrOptions({"gaussian", "random"})],
         "teacher_hidden_size": [Interval(Integral, 1, None, closed="left")],
         "teacher_depth": [Interval(Integral, 2, None, closed="left")],
-        "teacher_max_iter": [Interval(Integral, 0, None, closed="left")],
+        "teacher_iter": [Interval(Integral, 0, None, closed="left")],
         "teacher_learning_rate": [Interval(Real, 0, None, closed="neither")],
-        "teacher_step_size": [Interval(Real, 0, 1, closed="right")],
+        "teacher_ode_step_size": [Interval(Real, 0, 1, closed="right")],
         "entropy_reg": [Interval(Real, 0, None, closed="left")],
         "preprocessing": [StrOptions({"logit"}), None],
         "dequantize": ["boolean"],
         "augment_noise": [Interval(Real, 0, None, closed="left")],
+        "optimizer": [StrOptions({"adam", "adamw", "sgd", "rmsprop"})],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
         "keep_ode": ["boolean"],
         "keep_teacher": ["boolean"],
-        "n_threads": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left"), None],
     }
 
     def __init__(
         self,
-        n_clusters=10,
-        n_components_per_cluster=25,
-        rank=4,
+        n_components=10,
+        n_points_per_trajectory=25,
+        rank=8,
         *,
-        augment_factor=2.0,
-        hidden_size=128,
-        ode_depth=3,
-        activation="sin",
-        image_shape=None,
-        shared_ode=True,
-        learn_component_weights=False,
-        min_log_noise=-6.0,
-        pseudotimes="uniform",
-        ode_method="rk4",
-        ode_step_size=0.25,
-        ode_interpolation="cubic",
-        rtol=1e-3,
-        atol=1e-4,
-        adjoint=False,
-        gradient_checkpointing=False,
-        curriculum=None,
-        n_spaces=51,
-        space_epochs=1,
-        curriculum_init="random",
-        restart_optimizer=True,
-        init_trajectory_steps=0,
-        teacher_init="gaussian",
-        teacher_hidden_size=64,
-        teacher_depth=3,
-        teacher_max_iter=30,
-        teacher_learning_rate=3e-3,
-        teacher_step_size=0.25,
-        entropy_reg=0.0,
-        preprocessing=None,
-        dequantize=True,
-        augment_noise=0.01,
-        learning_rate=3e-3,
-        batch_size=256,
-        max_grad_norm=10.0,
-        max_iter=40,
-        tol=1e-3,
-        n_init=1,
-        random_state=None,
-        warm_start=False,
-        verbose=0,
-        device="auto",
-        dtype=None,
-        keep_ode=False,
-        keep_teacher=False,
-        n_threads="auto",
+        augment_factor=2.0, hidden_size=32, ode_depth=3, activation="sin", image_shape=None,
+        shared_ode=True, learn_component_weights=False, min_variance=1e-4,
+        pseudotimes="uniform", ode_method="rk4", ode_step_size=0.5, ode_interpolation="cubic",
+        rtol=1e-3, atol=1e-4, adjoint=False, gradient_checkpointing=False,
+        curriculum=None, n_spaces=51, space_iter=1, curriculum_init="random",
+        restart_optimizer=True, init_iter=0,
+        teacher_init="gaussian", teacher_hidden_size=64, teacher_depth=3, teacher_iter=30,
+        teacher_learning_rate=3e-3, teacher_ode_step_size=0.25,
+        entropy_reg=0.0, preprocessing=None, dequantize=True, augment_noise=0.01,
+        optimizer="adam", learning_rate=3e-3, batch_size=256, max_grad_norm=10.0,
+        tol=1e-3, max_iter=200, n_init=1, random_state=None, warm_start=False, verbose=0,
+        verbose_interval=10, device="auto", dtype=None, chunk_size=None,
+        keep_ode=False, keep_teacher=False,
     ):
-        self.n_clusters = n_clusters
-        self.n_components_per_cluster = n_components_per_cluster
+        super().__init__(
+            tol=tol, max_iter=max_iter, n_init=n_init, random_state=random_state,
+            warm_start=warm_start, verbose=verbose, verbose_interval=verbose_interval,
+            device=device, dtype=dtype, chunk_size=chunk_size,
+        )
+        self.n_components = n_components
+        self.n_points_per_trajectory = n_points_per_trajectory
         self.rank = rank
         self.augment_factor = augment_factor
         self.hidden_size = hidden_size
@@ -326,7 +320,7 @@ class CPMMEstimator(BaseDeepMixture):
         self.image_shape = image_shape
         self.shared_ode = shared_ode
         self.learn_component_weights = learn_component_weights
-        self.min_log_noise = min_log_noise
+        self.min_variance = min_variance
         self.pseudotimes = pseudotimes
         self.ode_method = ode_method
         self.ode_step_size = ode_step_size
@@ -337,62 +331,26 @@ class CPMMEstimator(BaseDeepMixture):
         self.gradient_checkpointing = gradient_checkpointing
         self.curriculum = curriculum
         self.n_spaces = n_spaces
-        self.space_epochs = space_epochs
+        self.space_iter = space_iter
         self.curriculum_init = curriculum_init
         self.restart_optimizer = restart_optimizer
-        self.init_trajectory_steps = init_trajectory_steps
+        self.init_iter = init_iter
         self.teacher_init = teacher_init
         self.teacher_hidden_size = teacher_hidden_size
         self.teacher_depth = teacher_depth
-        self.teacher_max_iter = teacher_max_iter
+        self.teacher_iter = teacher_iter
         self.teacher_learning_rate = teacher_learning_rate
-        self.teacher_step_size = teacher_step_size
+        self.teacher_ode_step_size = teacher_ode_step_size
         self.entropy_reg = entropy_reg
         self.preprocessing = preprocessing
         self.dequantize = dequantize
         self.augment_noise = augment_noise
+        self.optimizer = optimizer
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.max_grad_norm = max_grad_norm
-        self.max_iter = max_iter
-        self.tol = tol
-        self.n_init = n_init
-        self.random_state = random_state
-        self.warm_start = warm_start
-        self.verbose = verbose
-        self.device = device
-        self.dtype = dtype
         self.keep_ode = keep_ode
         self.keep_teacher = keep_teacher
-        self.n_threads = n_threads
-
-    # ------------------------------------------------------------ training
-    def fit_predict(self, X, y=None):
-        """Fit the model and return the cluster of each sample of ``X``.
-
-        Equivalent to ``fit(X).predict(X)``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : Ignored
-
-        Returns
-        -------
-        labels : ndarray of shape (n_samples,)
-        """
-        threads = self.n_threads
-        if threads == "auto":
-            threads = 1 if self.image_shape is None else None
-        if not (isinstance(threads, Integral) and not isinstance(threads, bool)
-                and threads >= 1) or self._fit_device().type != "cpu":
-            return super().fit_predict(X, y)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(int(threads))
-        try:
-            return super().fit_predict(X, y)
-        finally:
-            torch.set_num_threads(previous)
 
     # ------------------------------------------------------------ validation
     def _validate_X(self, X, *, reset):
@@ -404,425 +362,278 @@ class CPMMEstimator(BaseDeepMixture):
             )
         return X
 
-    def _check_parameters(self, X):
-        n_samples, n_features = X.shape
-        if n_samples < self.n_clusters:
+    def _check_parameters(self, X, ctx):
+        if ctx.partition.n_total < self.n_components:
             raise ValueError(
-                f"n_samples={n_samples} should be >= n_clusters={self.n_clusters}."
+                f"n_samples={ctx.partition.n_total} should be >= "
+                f"n_components={self.n_components}."
             )
-        if self.image_shape is not None:
-            shape = tuple(self.image_shape)
-            if len(shape) not in (2, 3) or not all(
-                isinstance(s, Integral) and s > 0 for s in shape
-            ):
-                raise ValueError(
-                    f"image_shape must be (H, W) or (channels, H, W) of positive ints, "
-                    f"got {self.image_shape!r}."
-                )
-            if int(np.prod(shape)) != n_features:
-                raise ValueError(
-                    f"image_shape={shape} holds {int(np.prod(shape))} values but X has "
-                    f"{n_features} features."
-                )
-        if self.rank > n_features:
-            raise ValueError(f"rank={self.rank} should be <= n_features={n_features}.")
+        if self.rank > X.shape[1]:
+            raise ValueError(f"rank={self.rank} should be <= n_features={X.shape[1]}.")
 
-    # ----------------------------------------------------------- transforms
+    # ------------------------------------------------------------ data
     def _preprocess(self, X):
         """``(Y, log|dY/dX|)`` of the preprocessing (identity or logit)."""
         if self.preprocessing != "logit":
             return X, X.new_zeros(X.shape[0])
-        a = _LOGIT_ALPHA
-        s = a + (1 - 2 * a) * X
-        Y = torch.log(s) - torch.log1p(-s)
-        log_jac = (math.log(1 - 2 * a) - torch.log(s) - torch.log1p(-s)).sum(1)
-        return Y, log_jac
+        return logit_transform(X)
 
-    def _postprocess(self, Y):
-        if self.preprocessing != "logit":
-            return Y
-        a = _LOGIT_ALPHA
-        return ((torch.sigmoid(Y) - a) / (1 - 2 * a)).clamp(0.0, 1.0)
-
-    def _training_data(self, X, generator):
-        """Standardised training data and the mean log-Jacobian back to ``X``."""
+    def _training_data(self, X, ctx):
+        """Standardised training rows (fresh dequantisation) and the mean
+        log-Jacobian from them back to ``X`` (a float)."""
         if self.preprocessing == "logit" and self.dequantize:
-            noise = torch.rand(X.shape, dtype=X.dtype, device=X.device, generator=generator)
-            X = (255.0 * X + noise) / 256.0
+            X = dequantize(X, ctx.generator)
         Y, log_jac = self._preprocess(X)
-        Z = (Y - self._shift) / self._scale
-        offset = float(log_jac.mean()) - X.shape[1] * math.log(self._scale)
-        return Z, offset
+        Z, log_det = self.module_.standardize(Y)
+        return Z, float(log_jac.mean()) + log_det if Y.shape[0] else log_det
+
+    def _set_standardization(self, X, ctx):
+        """Per-feature mean and global std of the preprocessed data, over all shards."""
+        if self.preprocessing == "logit" and self.dequantize:
+            X = dequantize(X, ctx.generator)
+        self.module_.set_standardization(*_standardization(self._preprocess(X)[0],
+                                                           ctx.partition))
+
+    def _train_times(self, ctx):
+        G = self.n_points_per_trajectory
+        opts = dict(dtype=ctx.dtype, device=ctx.device)
+        if self.pseudotimes == "fixed":
+            return torch.linspace(0.0, 1.0, G, **opts)
+        times, _ = torch.sort(torch.rand(G, generator=ctx.generator, **opts))
+        return times + torch.arange(G, **opts) * 1e-6  # strictly increasing
 
     # ------------------------------------------------------------ building
-    def _build_module(self, n_features, generator):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_from(generator))
-            module = CPMMNet(
-                n_features,
-                self.n_clusters,
-                self.rank,
-                augment_factor=self.augment_factor,
-                hidden=self.hidden_size,
-                depth=self.ode_depth,
-                activation=self.activation,
-                image_shape=None if self.image_shape is None else tuple(self.image_shape),
-                shared_ode=self.shared_ode,
+    def _build_net(self, n_features, ctx, generator):
+        return build_module(
+            lambda: CPMMNet(
+                n_features, self.n_components, self.rank,
+                augment_factor=self.augment_factor, hidden=self.hidden_size,
+                depth=self.ode_depth, activation=self.activation,
+                image_shape=self.image_shape_, shared_ode=self.shared_ode,
                 weights_in_state=self.learn_component_weights,
-                min_log_noise=self.min_log_noise,
-                method=self.ode_method,
-                step_size=self.ode_step_size,
-                rtol=self.rtol,
-                atol=self.atol,
-                adjoint=self.adjoint,
-                checkpoint=self.gradient_checkpointing,
+                min_variance=self.min_variance, method=self.ode_method,
+                step_size=self.ode_step_size, rtol=self.rtol, atol=self.atol,
+                adjoint=self.adjoint, checkpoint=self.gradient_checkpointing,
                 interp=self.ode_interpolation,
-            )
-        return module.to(device=generator.device, dtype=self._torch_dtype())
+            ),
+            generator, ctx.device, ctx.dtype,
+        )
 
-    def _build_teacher(self, n_features, generator):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_from(generator))
-            teacher = CNF(
-                n_features,
-                hidden=self.teacher_hidden_size,
-                depth=self.teacher_depth,
-                activation="tanh",
-                linear=self.teacher_init == "gaussian",
-                method="rk4",
-                step_size=self.teacher_step_size,
-            )
-        return teacher.to(device=generator.device, dtype=self._torch_dtype())
+    def _new_optimizer(self, parameters, learning_rate=None):
+        return make_optimizer(
+            self.optimizer, list(parameters),
+            self.learning_rate if learning_rate is None else learning_rate,
+        )
 
-    def _train_times(self, generator):
-        G = self.n_components_per_cluster
-        device = generator.device
-        dtype = self._torch_dtype()
-        if self.pseudotimes == "fixed":
-            return torch.linspace(0.0, 1.0, G, dtype=dtype, device=device)
-        times = torch.rand(G, dtype=dtype, device=device, generator=generator)
-        times, _ = torch.sort(times)
-        # strictly increasing (odeint requirement)
-        return times + torch.arange(G, dtype=dtype, device=device) * 1e-6
+    def _train(self, loss_fn, optimizer, Z, ctx, phase):
+        with torch.enable_grad():
+            return train_epoch(
+                loss_fn, optimizer, Z, ctx, batch_size=self.batch_size, phase=phase,
+                max_grad_norm=self.max_grad_norm, owner=type(self).__name__,
+            )
+
+    def _train_epoch(self, Z, ctx, phase):
+        """One epoch of the CPMM on the standardised rows ``Z``: ``(mean
+        log-likelihood of the rows, mean loss)``, read once per epoch."""
+        module = self.module_
+        module.train()
+        sums, counts = [], []
+
+        def loss_fn(batch):
+            if self.augment_noise > 0:
+                batch = batch + self.augment_noise * torch.randn(
+                    batch.shape, dtype=batch.dtype, device=batch.device,
+                    generator=ctx.generator,
+                )
+            log_prob, joint = module.log_prob(batch, self._train_times(ctx))
+            sums.append(log_prob.detach().sum())
+            counts.append(batch.shape[0])
+            losses = -log_prob
+            if self.entropy_reg > 0:
+                resp = torch.softmax(joint, dim=1).mean(0)
+                entropy = -(resp * torch.log(resp.clamp_min(1e-12))).sum()
+                losses = losses - self.entropy_reg * entropy
+            return losses
+
+        if "_optimizer" not in self.__dict__:  # a warm start after unpickling
+            self._optimizer = self._new_optimizer(module.parameters())
+        loss = self._train(loss_fn, self._optimizer, Z, ctx, phase)
+        loglik = float(torch.stack(sums).sum()) / max(sum(counts), 1) if sums else math.nan
+        return loglik, loss
 
     # --------------------------------------------------------------- hooks
-    def _initialize(self, X, generator, y=None):
-        n_samples, n_features = X.shape
-        Y, _ = self._preprocess(X)
-        self._shift = Y.mean(0)
-        self._scale = float(Y.std(0).pow(2).mean().sqrt().clamp_min(1e-12))
-        self.module_ = self._build_module(n_features, generator)
-        self._reset_optimizer()
-        self.curriculum_history_ = []
-        self.teacher_history_ = []
+    def _n_progress_steps(self):
         if self.curriculum is None:
-            self._init_kmeans(X, generator)
-            return
-        # curriculum: teacher flow, then one epoch per space v = 1 -> 0
-        Z, _ = self._training_data(X, generator)
-        teacher = self._train_teacher(Z, generator)
+            return self.init_iter
+        return self.teacher_iter + self.n_spaces * self.space_iter
+
+    def _converged(self, objectives):
+        return smoothed_converged(objectives, self.tol)
+
+    def _initialize(self, X, ctx):
+        shared = _shared_generator(ctx)
+        self.module_ = self._build_net(X.shape[1], ctx, shared)
+        self._set_standardization(X, ctx)
+        self.curriculum_history_, self.teacher_history_ = [], []
+        self.__dict__.pop("teacher_", None)
+        Z, offset = self._training_data(X, ctx)
+        if self.curriculum is None:
+            labels = self._init_kmeans(Z * self.module_.scale, Z, ctx, shared)
+            if self.init_iter:
+                self._prefit_trajectories(Z, labels, ctx, shared)
+        else:
+            self._run_curriculum(Z, offset, ctx, shared)
+        if self.curriculum is None or self.restart_optimizer:
+            self._optimizer = self._new_optimizer(self.module_.parameters())
+
+    def _init_kmeans(self, Z, stats_on, ctx, generator):
+        """Start states at k-means clusters of ``Z`` (means, per-feature
+        variances and proportions measured on ``stats_on``); returns the labels.
+
+        In the input space ``Z`` is given in the data's own geometry (not
+        standardised per feature, which would give nearly constant pixels
+        the weight of the informative ones)."""
+        C, partition = self.n_components, ctx.partition
+        chunk = chunk_rows(C + Z.shape[1], self.chunk_size)
+        _, labels = kmeans(Z, C, generator, chunk_size=chunk, partition=partition)
+        counts, means, var = _cluster_moments(stats_on, labels, C, partition)
+        log_var = torch.maximum(torch.log(var), self.module_.log_floor)
+        self.module_.init_state(means, log_var, loadings_scale=0.1, generator=generator)
+        with torch.no_grad():
+            self.module_.cluster_logits.copy_(torch.log(counts.clamp_min(1.0) / counts.sum()))
+        return labels
+
+    def _prefit_trajectories(self, Z, labels, ctx, generator):
+        """Regress each trajectory onto its cluster's ordered k-means
+        sub-centroids (``init_iter`` steps; see ``init_iter``)."""
+        G = self.n_points_per_trajectory
+        targets = _trajectory_targets(Z, labels, self.n_components, G, generator,
+                                      chunk_rows(G + Z.shape[1], self.chunk_size))
+        times = torch.linspace(0.0, 1.0, G, dtype=ctx.dtype, device=ctx.device)
+        module = self.module_
+
+        def loss_fn(target):  # one loss per trajectory
+            _, means, _, log_noise = module.components(times)
+            return (((means - target[:, :, 0]) ** 2).mean((1, 2))
+                    + 0.1 * ((log_noise - target[:, :, 1]) ** 2).mean((1, 2)))
+
+        optimizer = self._new_optimizer(module.parameters())
+        for _ in range(self.init_iter):
+            with torch.enable_grad():
+                loss = train_step(loss_fn, optimizer, targets, ctx, phase="trajectory pre-fit",
+                                  max_grad_norm=self.max_grad_norm, owner=type(self).__name__)
+            ctx.progress.step(phase="pre-fit", loss=loss)
+
+    def _run_curriculum(self, Z, offset, ctx, generator):
+        """Train the flow teacher, start the CPMM in its latent space and
+        train it on the spaces ``u_v``, ``v = 1 -> 0``."""
+        teacher = self._train_teacher(Z, offset, ctx, generator)
         vs = torch.linspace(0.0, 1.0, self.n_spaces, dtype=Z.dtype, device=Z.device)
         spaces = teacher.transform(Z, vs)  # (V, n, D), spaces[0] == Z
         if self.keep_teacher:
             self.teacher_ = teacher
-        C, D = self.n_clusters, n_features
-        # random start states spread over the (ideally) standard normal latent
-        # space, components narrower than the data: the mixture starts away from
-        # the symmetric all-components-equal saddle point
         if self.curriculum_init == "kmeans":
-            # k-means in the teacher's latent space u_1
-            self._init_kmeans_on(spaces[-1], generator)
+            self._init_kmeans(spaces[-1], spaces[-1], ctx, generator)
         elif self.curriculum_init == "kmeans_input":
-            # k-means on the input space; the start states are the clusters'
-            # means and variances in the latent space
-            self._init_kmeans_on(spaces[0], generator, stats_on=spaces[-1])
+            self._init_kmeans(spaces[0] * self.module_.scale, spaces[-1], ctx, generator)
         else:
-            spread = self._INIT_SPREAD
-            means = spread * torch.randn(C, D, dtype=Z.dtype, device=Z.device,
-                                         generator=generator)
-            log_noise = torch.full((C, D), math.log(1.0 - spread**2), dtype=Z.dtype,
-                                   device=Z.device)
-            self.module_.init_state(means, log_noise, loadings_scale=0.1,
-                                    alpha_scale=self._INIT_ALPHA, generator=generator)
-        progress = None
-        if self.verbose:
-            from tqdm.auto import tqdm
+            self.module_.init_random(generator)
+        optimizer = None
+        for i in range(self.n_spaces - 1, -1, -1):
+            if self.restart_optimizer or optimizer is None:
+                self._optimizer = optimizer = self._new_optimizer(self.module_.parameters())
+            v = float(vs[i])
+            for _ in range(self.space_iter):
+                loglik, loss = self._train_epoch(spaces[i], ctx, f"curriculum (space v={v:.3g})")
+                ctx.progress.step(phase="curriculum", v=v, loss=loss)
+            self.curriculum_history_.append({"v": v, "log_likelihood": loglik})
 
-            progress = tqdm(total=self.n_spaces, desc="CPMM curriculum", leave=self.verbose > 1)
-        try:
-            for i in range(self.n_spaces - 1, -1, -1):
-                if self.restart_optimizer:
-                    self._reset_optimizer()
-                for _ in range(self.space_epochs):
-                    stats = self._train_epoch(spaces[i], generator)
-                v = float(vs[i])
-                self.curriculum_history_.append({"v": v, "log_likelihood": stats["loglik"]})
-                if not math.isfinite(stats["loglik"]):
-                    from ._base import TrainingDivergedError
-
-                    raise TrainingDivergedError(
-                        f"CPMMEstimator diverged in the curriculum at space v={v:.3f}. Try "
-                        "a smaller learning_rate, dtype='float64' or more n_spaces."
-                    )
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(v=f"{v:.2f}", loglik=f"{stats['loglik']:.4g}")
-        finally:
-            if progress is not None:
-                progress.close()
-        if self.restart_optimizer:
-            self._reset_optimizer()
-
-    def _reset_optimizer(self):
-        """A fresh Adam (new moment estimates): at the start and for a new curriculum stage."""
-        self.optimizer_ = torch.optim.Adam(self.module_.parameters(), lr=self.learning_rate)
-
-    def _init_kmeans(self, X, generator):
-        Z, _ = self._training_data(X, generator)
-        self._init_kmeans_on(Z, generator)
-
-    def _init_kmeans_on(self, Z, generator, stats_on=None):
-        from sklearn.cluster import KMeans
-
-        Zn = to_numpy(Z).astype(np.float64)
-        km = KMeans(self.n_clusters, n_init=3, random_state=_seed_from(generator)).fit(Zn)
-        labels = km.labels_
-        C, D = self.n_clusters, Z.shape[1]
-        if stats_on is not None:
-            Zn = to_numpy(stats_on).astype(np.float64)
-            km.cluster_centers_ = np.stack([
-                Zn[labels == c].mean(0) if np.any(labels == c) else Zn.mean(0)
-                for c in range(C)])
-        log_noise = np.zeros((C, D))
-        counts = np.bincount(labels, minlength=C).astype(float)
-        for c in range(C):
-            members = Zn[labels == c]
-            var = members.var(0) if len(members) > 1 else np.ones(D)
-            log_noise[c] = np.log(np.maximum(var, 1e-3))
-        to = dict(dtype=Z.dtype, device=Z.device)
-        self.module_.init_state(
-            torch.as_tensor(km.cluster_centers_, **to),
-            torch.as_tensor(log_noise, **to),
-            loadings_scale=0.1,
-            generator=generator,
+    def _train_teacher(self, Z, offset, ctx, generator):
+        teacher = build_module(
+            lambda: CNF(Z.shape[1], hidden=self.teacher_hidden_size, depth=self.teacher_depth,
+                        activation="tanh", linear=self.teacher_init == "gaussian",
+                        step_size=self.teacher_ode_step_size),
+            generator, ctx.device, ctx.dtype,
         )
-        with torch.no_grad():
-            props = torch.as_tensor(np.maximum(counts, 1.0) / counts.sum(), **to)
-            self.module_.cluster_logits.copy_(torch.log(props))
-        if self.init_trajectory_steps > 0:
-            self._prefit_trajectories(Zn, labels, generator)
-
-    def _prefit_trajectories(self, Zn, labels, generator):
-        """Regress each trajectory's means onto ordered k-means sub-centroids.
-
-        Within cluster ``c`` the members are split into ``G`` sub-clusters
-        (k-means); the sub-centroids are ordered along the cluster's first
-        principal axis and the ODE (start state and dynamics) is fitted by
-        least squares so that ``mu_c(t_j)`` passes through them (and
-        ``log d_c(t_j)`` matches their log variances). This starts the
-        trajectories spread along their clusters instead of at the
-        all-components-equal saddle point of the likelihood.
-        """
-        from sklearn.cluster import KMeans
-
-        C, G, D = self.n_clusters, self.n_components_per_cluster, Zn.shape[1]
-        seed = _seed_from(generator)
-        targets = np.zeros((C, G, D))
-        target_logvar = np.zeros((C, G, D))
-        for c in range(C):
-            members = Zn[labels == c]
-            k = max(1, min(G, len(members)))
-            if k > 1:
-                km = KMeans(k, n_init=1, random_state=seed).fit(members)
-                centres, sub = km.cluster_centers_, km.labels_
-            else:
-                centres, sub = members.mean(0, keepdims=True), np.zeros(len(members), int)
-            axis = np.linalg.svd(members - members.mean(0), full_matrices=False)[2][0]
-            order = np.argsort(centres @ axis)
-            centres = centres[order]
-            var = np.stack([
-                members[sub == j].var(0) if np.sum(sub == j) > 1 else members.var(0)
-                for j in order
-            ])
-            # resample the k ordered centres onto the G pseudotimes
-            grid = np.linspace(0, 1, k)
-            for d in range(D):
-                targets[c, :, d] = np.interp(np.linspace(0, 1, G), grid, centres[:, d])
-                target_logvar[c, :, d] = np.interp(
-                    np.linspace(0, 1, G), grid, np.log(np.maximum(var[:, d], 1e-3))
-                )
-        to = dict(dtype=self.module_.initial_state.dtype, device=self.module_.initial_state.device)
-        targets = torch.as_tensor(targets, **to)
-        target_logvar = torch.as_tensor(target_logvar, **to)
-        times = torch.linspace(0.0, 1.0, G, **to)
-        optimizer = torch.optim.Adam(self.module_.parameters(), lr=1e-2)
-        for _ in range(self.init_trajectory_steps):
-            optimizer.zero_grad(set_to_none=True)
-            _, means, _, log_noise = self.module_.components(times)
-            loss = ((means - targets) ** 2).mean() + 0.1 * ((log_noise - target_logvar) ** 2).mean()
-            loss.backward()
-            optimizer.step()
-
-    def _train_teacher(self, Z, generator):
-        teacher = self._build_teacher(Z.shape[1], generator)
-        params = list(teacher.parameters())
         if self.teacher_init == "gaussian":
             # the linear part is the closed-form (shrunk) Gaussian MLE and stays
             # fixed: trained on mini-batches its D x D matrix overfits at once
-            teacher.init_gaussian(Z)
+            teacher.init_gaussian(*_moments(Z, ctx.partition))
             teacher.dynamics.linear.requires_grad_(False)
-            params = [p for p in params if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=self.teacher_learning_rate)
-        progress = None
-        if self.verbose and self.teacher_max_iter:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=self.teacher_max_iter, desc="CPMM flow teacher",
-                            leave=self.verbose > 1)
-        try:
-            for epoch in range(self.teacher_max_iter):
-                total, count = 0.0, 0
-                for batch in iter_minibatches(Z.shape[0], self.batch_size, generator):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = -teacher.log_prob(Z[batch], generator).mean()
-                    if not torch.isfinite(loss):
-                        from ._base import TrainingDivergedError
-
-                        raise TrainingDivergedError(
-                            "The CPMM flow teacher diverged; try a smaller "
-                            "teacher_learning_rate or teacher_step_size."
-                        )
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 10.0)
-                    optimizer.step()
-                    total += float(loss.detach()) * batch.numel()
-                    count += batch.numel()
-                self.teacher_history_.append({"epoch": epoch + 1, "log_likelihood": -total / count})
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loglik=f"{-total / count:.4g}")
-        finally:
-            if progress is not None:
-                progress.close()
+        optimizer = self._new_optimizer(
+            [p for p in teacher.parameters() if p.requires_grad], self.teacher_learning_rate
+        )
+        for epoch in range(self.teacher_iter):
+            loss = self._train(lambda batch: -teacher.log_prob(batch, ctx.generator),
+                               optimizer, Z, ctx, "teacher training")
+            self.teacher_history_.append({"epoch": epoch + 1, "log_likelihood": offset - loss})
+            ctx.progress.step(phase="teacher", loss=loss)
         teacher.eval()
         return teacher
 
-    def _train_epoch(self, Z, generator):
-        module, optimizer = self.module_, self.optimizer_
-        module.train()
-        params = list(module.parameters())
-        tot_ll, tot_loss, tot_ent, count = 0.0, 0.0, 0.0, 0
-        for batch in iter_minibatches(Z.shape[0], self.batch_size, generator):
-            xb = Z[batch]
-            if self.augment_noise > 0:
-                xb = xb + self.augment_noise * torch.randn(
-                    xb.shape, dtype=xb.dtype, device=xb.device, generator=generator
-                )
-            optimizer.zero_grad(set_to_none=True)
-            log_prob, joint = module.log_prob(xb, self._train_times(generator))
-            mean_ll = log_prob.mean()
-            loss = -mean_ll
-            resp = torch.softmax(joint, dim=1).mean(0)
-            entropy = -(resp * torch.log(resp.clamp_min(1e-12))).sum()
-            if self.entropy_reg > 0:
-                loss = loss - self.entropy_reg * entropy
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                return {"loglik": math.nan, "loss": math.nan, "entropy": math.nan}
-            loss.backward()
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            optimizer.step()
-            n = batch.numel()
-            tot_ll += float(mean_ll.detach()) * n
-            tot_loss += value * n
-            tot_ent += float(entropy.detach()) * n
-            count += n
-        return {"loglik": tot_ll / count, "loss": tot_loss / count, "entropy": tot_ent / count}
-
-    def _fit_iteration(self, X, generator, y=None):
-        Z, offset = self._training_data(X, generator)
-        stats = self._train_epoch(Z, generator)
-        return {
-            "objective": stats["loglik"] + offset,
-            "loss": stats["loss"],
-            "entropy": stats["entropy"],
-        }
+    def _fit_iteration(self, X, ctx):
+        Z, offset = self._training_data(X, ctx)
+        loglik, loss = self._train_epoch(Z, ctx, "training")
+        return {"objective": loglik + offset, "loss": loss}
 
     def _get_state(self):
         return {
             "module": copy.deepcopy(self.module_.state_dict()),
-            "optimizer": copy.deepcopy(self.optimizer_.state_dict()),
-            "shift": self._shift.clone(),
-            "scale": self._scale,
             "curriculum_history": list(self.curriculum_history_),
             "teacher_history": list(self.teacher_history_),
-            "teacher": getattr(self, "teacher_", None),
+            "teacher": self.__dict__.get("teacher_"),
         }
 
     def _set_state(self, state):
         self.module_.load_state_dict(state["module"])
-        self.optimizer_.load_state_dict(state["optimizer"])
-        self._shift = state["shift"]
-        self._scale = state["scale"]
         self.curriculum_history_ = state["curriculum_history"]
         self.teacher_history_ = state["teacher_history"]
         if state["teacher"] is not None:
             self.teacher_ = state["teacher"]
 
-    def _finalize_fit(self, X, y=None):
-        G = self.n_components_per_cluster
-        module = self.module_
-        module.eval()
-        times = torch.linspace(0.0, 1.0, G, dtype=self._torch_dtype(), device=X.device)
+    def _finalize_fit(self, X, ctx):
+        module = self.module_.eval()
+        times = torch.linspace(0.0, 1.0, self.n_points_per_trajectory, dtype=ctx.dtype,
+                               device=ctx.device)
         with torch.no_grad():
             log_w, means, loadings, log_noise = module.components(times)
-        s = self._scale
+        s, shift = module.scale.detach().clone(), module.shift.detach().clone()
         # cached in the standardised space (better conditioned numerics);
         # the public attributes are in the input (or logit) space
-        self._components = {
-            "log_weights": log_w.detach(),
-            "means": means.detach(),
-            "loadings": loadings.detach(),
-            "log_noise_var": log_noise.detach(),
-        }
+        self._components = {"log_weights": log_w, "means": means, "loadings": loadings,
+                            "log_noise_var": log_noise, "shift": shift, "scale": s}
+        self.shift_, self.scale_ = to_numpy(shift), to_numpy(s)
         self.pseudotimes_ = to_numpy(times)
         self.weights_ = to_numpy(log_w.exp())
         self.cluster_weights_ = self.weights_.sum(1)
-        self.means_ = to_numpy(means * s + self._shift)
-        self.factor_loadings_ = to_numpy(loadings * s)
-        self.noise_variance_ = to_numpy(torch.exp(log_noise + 2.0 * math.log(s)))
+        self.means_ = to_numpy(means * s + shift)
+        self.factor_loadings_ = to_numpy(loadings * s[:, None])
+        self.noise_variance_ = to_numpy(torch.exp(log_noise + 2.0 * torch.log(s)))
+        self.__dict__.pop("_optimizer", None)
         if not (self.keep_ode or self.warm_start):
             del self.module_
-            del self.optimizer_
-        if not self.keep_teacher and hasattr(self, "teacher_"):
-            del self.teacher_
+        if not self.keep_teacher:
+            self.__dict__.pop("teacher_", None)
 
     def _prepare_inference(self, device):
-        self._components = {
-            k: v.to(device=device, dtype=self._torch_dtype()) for k, v in self._components.items()
-        }
-        self._shift = self._shift.to(device=device, dtype=self._torch_dtype())
-        if hasattr(self, "module_"):
+        dtype = self._torch_dtype()
+        self._components = {k: v.to(device=device, dtype=dtype)
+                            for k, v in self._components.items()}
+        if "module_" in self.__dict__:
             self.module_.to(device)
-            # move the optimizer state with the module (warm_start)
-            for state in self.optimizer_.state.values():
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.dim() > 0:
-                        state[key] = value.to(device)
 
     def _estimate_log_prob_resp(self, X):
         Y, log_jac = self._preprocess(X)
-        Z = (Y - self._shift) / self._scale
         c = self._components
         log_prob, joint = mixture_log_prob(
-            Z, c["log_weights"], c["means"], c["loadings"], c["log_noise_var"]
+            (Y - c["shift"]) / c["scale"], c["log_weights"], c["means"], c["loadings"],
+            c["log_noise_var"],
         )
-        log_jac = log_jac - X.shape[1] * math.log(self._scale)
-        return log_prob + log_jac, joint - log_prob[:, None]
+        log_resp = joint - log_prob[:, None]
+        return log_prob + log_jac - torch.log(c["scale"]).sum(), log_resp
 
     def _work_per_row(self):
-        K = self.n_clusters * self.n_components_per_cluster
+        K = self.n_components * self.n_points_per_trajectory
         return K * (self.rank + 4) + 4 * self.n_features_in_
 
     def _sample(self, n_samples, generator):
@@ -832,17 +643,15 @@ class CPMMEstimator(BaseDeepMixture):
             c["log_weights"].exp().reshape(-1), n_samples, replacement=True, generator=generator
         )
         D = c["means"].shape[-1]
-        Z = mfa_sample(
-            c["means"].reshape(C * G, D),
-            c["loadings"].reshape(C * G, D, -1),
-            c["log_noise_var"].reshape(C * G, D),
-            flat,
-            generator,
-        )
-        return self._postprocess(Z * self._scale + self._shift), flat // G
+        Z = mfa_sample(c["means"].reshape(C * G, D), c["loadings"].reshape(C * G, D, -1),
+                       c["log_noise_var"].reshape(C * G, D), flat, generator)
+        return self._postprocess(Z * c["scale"] + c["shift"]), flat // G
+
+    def _postprocess(self, Y):
+        return logit_inverse(Y) if self.preprocessing == "logit" else Y
 
     def _n_parameters(self):
-        C, G = self.n_clusters, self.n_components_per_cluster
+        C, G = self.n_components, self.n_points_per_trajectory
         D, R = self.n_features_in_, self.rank
         n = C * G * D * (R + 2) + (C - 1)
         if self.learn_component_weights:
@@ -864,32 +673,113 @@ class CPMMEstimator(BaseDeepMixture):
         log_prob : ndarray of shape (n_samples,)
         """
         check_is_fitted(self)
-        if not hasattr(self, "module_"):
+        if "module_" not in self.__dict__:
             raise ValueError(
                 "The ODE was dropped after fit; refit with keep_ode=True to evaluate "
                 "the model through the ODE."
             )
-        X = self._validate_X(X, reset=False)
-        device = self._runtime_device()
-        self._prepare_inference(device)
         times = self.pseudotimes_ if pseudotimes is None else np.asarray(pseudotimes)
-        times = torch.as_tensor(times, dtype=self._torch_dtype(), device=device)
-        Xt = self._to_tensor(X, device)
-        self.module_.eval()
-        with torch.no_grad():
-            Y, log_jac = self._preprocess(Xt)
-            Z = (Y - self._shift) / self._scale
-            log_prob, _ = self.module_.log_prob(Z, times)
-        return to_numpy(log_prob + log_jac - Xt.shape[1] * math.log(self._scale))
+        module = self.module_.eval()
+
+        def log_prob(chunk):
+            Y, log_jac = self._preprocess(chunk)
+            Z, log_det = module.standardize(Y)
+            t = torch.as_tensor(times, dtype=chunk.dtype, device=chunk.device)
+            return module.log_prob(Z, t)[0] + log_jac + log_det
+
+        return to_numpy(self._inference(log_prob, X))
 
     def trajectory_means(self):
         """Means of the extracted components in the input space.
 
         Returns
         -------
-        means : ndarray of shape (n_clusters, n_components_per_cluster, n_features)
+        means : ndarray of shape (n_components, n_points_per_trajectory, n_features)
             ``means_`` mapped back through the preprocessing (e.g. sigmoid
             for ``preprocessing='logit'``), ready to be shown as image rows.
         """
         check_is_fitted(self)
         return to_numpy(self._postprocess(torch.as_tensor(self.means_)))
+
+
+# ---------------------------------------------------------------- data statistics
+def _shared_generator(ctx):
+    """A generator in the same state on every process, for the draws that
+    must agree (weights, k-means, start states); ``ctx.generator`` draws the
+    per-shard randomness (batches, noise, dequantisation)."""
+    seed = int(torch.randint(2**62, (1,), generator=ctx.generator, device=ctx.device))
+    return torch.Generator(device=ctx.device).manual_seed(broadcast_object(seed))
+
+
+def _standardization(Y, partition, relative_floor=1e-4):
+    """Per-feature mean (D,), scale (D,) and the mean variance of the rows of
+    all shards.
+
+    ``scale_j = sqrt(var_j + relative_floor * mean(var))``: every feature gets
+    unit variance (the optimizer's steps are then in units of each feature's
+    spread), except (nearly) constant features, which keep a small scale
+    instead of a division by zero. In float64: squares of huge inputs stay finite.
+    """
+    Y = Y.double()
+    n = partition.n_total
+    shift = partition.sum(Y.sum(0)) / n
+    var = partition.sum((Y - shift).square().sum(0)) / n
+    mean_var = torch.where(var.mean() > 0, var.mean(), 1.0)  # 1: every feature constant
+    return shift, (var + relative_floor * mean_var).sqrt(), mean_var
+
+
+def _moments(Z, partition):
+    """Mean (D,) and maximum-likelihood covariance (D, D) of the rows of all shards."""
+    Zd = Z.double()
+    mean = partition.sum(Zd.sum(0)) / partition.n_total
+    centred = Zd - mean
+    return mean, partition.sum(centred.T @ centred) / partition.n_total
+
+
+def _cluster_moments(Z, labels, n_clusters, partition):
+    """Counts (C,), means (C, D) and per-feature variances (C, D) of the
+    labelled rows of all shards (centred second pass; empty or single-row
+    clusters get the global mean and unit variance)."""
+    members = torch.nn.functional.one_hot(labels, n_clusters).to(Z.dtype)  # (n, C)
+    counts, sums = members.sum(0), members.T @ Z
+    partition.sum(counts, sums)
+    global_mean = partition.sum(Z.sum(0)) / partition.n_total
+    means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], global_mean)
+    sq = partition.sum(members.T @ (Z - means[labels]).square())
+    var = torch.where(counts[:, None] > 1, sq / counts.clamp_min(1.0)[:, None],
+                      torch.ones_like(sq))
+    return counts, means, var
+
+
+def _trajectory_targets(Z, labels, n_clusters, G, generator, chunk):
+    """Ordered sub-centroids of each cluster, resampled to ``G`` pseudotimes.
+
+    Within cluster ``c`` the rows (of all shards) are split into ``k =
+    min(G, n_c)`` sub-clusters by k-means; the sub-centroids are ordered along
+    the cluster's first principal axis (power iteration) and linearly
+    interpolated onto ``G`` evenly spaced points, with the sub-clusters' log
+    variances. Returns a tensor of shape (C, G, 2, D): means, log variances.
+    """
+    D = Z.shape[1]
+    targets = torch.zeros(n_clusters, G, 2, D, dtype=Z.dtype, device=Z.device)
+    for c in range(n_clusters):
+        rows = Z[labels == c]
+        part = RowPartition(rows.shape[0])  # this cluster's rows over the shards
+        if part.n_total == 0:
+            continue
+        k = min(G, part.n_total)
+        _, sub = kmeans(rows, k, generator, chunk_size=chunk, partition=part)
+        counts, centres, var = _cluster_moments(rows, sub, k, part)
+        centred = rows - part.sum(rows.sum(0)) / part.n_total
+        axis = torch.randn(D, 1, generator=generator, dtype=Z.dtype, device=Z.device)
+        for _ in range(20):  # power iteration on the cluster's covariance
+            axis = part.sum(centred.T @ (centred @ axis))
+            axis = axis / axis.norm().clamp_min(1e-30)
+        order = torch.argsort((centres @ axis).squeeze(1))
+        path = torch.stack([centres[order], torch.log(var[order].clamp_min(1e-3))], dim=1)
+        position = torch.linspace(0.0, k - 1.0, G, dtype=Z.dtype, device=Z.device)
+        low = position.floor().long().clamp(max=max(k - 2, 0))
+        frac = (position - low).clamp(0.0, 1.0)[:, None, None]
+        high = (low + 1).clamp(max=k - 1)
+        targets[c] = path[low] * (1 - frac) + path[high] * frac
+    return targets

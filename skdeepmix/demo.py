@@ -65,7 +65,7 @@ def _candidates(seed):
 #: (row name, module, class name, parameters) of the deep models in the demo
 _DEEP_MODELS = [
     ("CPMMEstimator (10 trajectories × 25)", "skdeepmix.cpmm", "CPMMEstimator",
-     {"n_clusters": 10}),
+     {"n_components": 10}),
     ("DeepGMMEstimator (layers 3×8 = 24 paths)", "skdeepmix.deep_gmm",
      "DeepGMMEstimator", {"layer_sizes": (3, 8), "reg_covar": 1e-2}),
     ("DCGMMEstimator F(3,1)-G(25)-F-G(25) [top-G ll]", "skdeepmix.dcgmm", "DCGMMEstimator",

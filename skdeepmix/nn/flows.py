@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from .._torch_utils import init_layers_
 from .cpmm import make_activation, solve_ode
 
 __all__ = ["CNFDynamics", "CNF"]
@@ -49,11 +50,14 @@ class CNFDynamics(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a + 1, b) for a, b in zip(dims[:-1], dims[1:]))
         self.act = make_activation(activation)
         self.linear = nn.Linear(n_features, n_features) if linear else None
-        if self.linear is not None:
-            with torch.no_grad():
-                self.linear.weight.zero_()
-                self.linear.bias.zero_()
         self.nfe = 0
+
+    def reset_parameters(self, generator):
+        """Default initialisation of the MLP from ``generator``; ``W = 0``, ``b = 0``."""
+        init_layers_(self, generator)
+        if self.linear is not None:
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
 
     def nonlinear(self, t, u):
         """The MLP part of ``g(u, t)``."""
@@ -125,22 +129,31 @@ class CNF(nn.Module):
         self.solver = dict(method=method, step_size=step_size, rtol=rtol, atol=atol,
                            adjoint=adjoint)
 
+    def reset_parameters(self, generator):
+        """Initialise every parameter from ``generator`` (see :meth:`CNFDynamics.reset_parameters`)."""
+        self.dynamics.reset_parameters(generator)
+
     @torch.no_grad()
-    def init_gaussian(self, x, reg=1e-2):
-        """Start at the maximum-likelihood Gaussian of ``x`` (needs ``linear=True``).
+    def init_gaussian(self, mean, cov, reg=1e-2):
+        """Start at the Gaussian ``N(mean, cov)`` (needs ``linear=True``).
 
         ``W = -1/2 log(Sigma + reg I)`` (symmetric matrix logarithm) and
         ``b = -W (e^W - I)^{-1} e^W m`` make the linear ODE ``du/ds = W u + b``
         map ``x`` to ``(Sigma + reg I)^{-1/2} (x - m)`` at ``s = 1``; the MLP's last
         layer is zeroed so that it starts as a correction of zero. ``reg``
         (relative to the mean variance) keeps the flow well conditioned.
+
+        Parameters
+        ----------
+        mean : Tensor of shape (n_features,)
+        cov : Tensor of shape (n_features, n_features)
+            E.g. the maximum-likelihood mean and covariance of the data.
         """
         dyn = self.dynamics
         if dyn.linear is None:
             raise ValueError("init_gaussian needs a CNF built with linear=True.")
-        xd = x.double()
-        m = xd.mean(0)
-        cov = torch.cov(xd.T).reshape(self.n_features, self.n_features)
+        m = mean.double()
+        cov = cov.double()
         cov = cov + reg * torch.diagonal(cov).mean().clamp_min(1e-12) * torch.eye(
             self.n_features, dtype=cov.dtype, device=cov.device)
         evals, evecs = torch.linalg.eigh(cov)
