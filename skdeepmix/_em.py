@@ -10,10 +10,13 @@ M-step and the objective.
 * the initial responsibilities (``init_params``): k-means and k-means++ in
   torch (:mod:`skdeepmix._kmeans`, weighted), ``'random'`` and
   ``'random_from_data'``;
-* the chunked E-step and its sufficient statistics
-  (:class:`skdeepmix._gaussian.SufficientStatistics`: weighted, accumulated
-  centred, with an exactly centred second pass only when the first one lost
-  too many digits), so that memory is bounded by ``chunk_size``;
+* the chunked E-step fused with its sufficient statistics
+  (:class:`skdeepmix._gaussian.MixturePass`: matrix products of per-row
+  features with per-component coefficients, weighted, accumulated centred,
+  with an exactly centred second pass only when the first one lost too many
+  digits, and no host read per chunk), so that memory is bounded by
+  ``chunk_size``; ``history_`` records per iteration whether that second
+  pass was needed (``exact_pass``);
 * the fitted state: tensors in ``_params`` mirrored by the public fitted
   attributes (``means_``, ...), which may be replaced by the user (a
   ``warm_start`` fit then continues from them);
@@ -21,7 +24,8 @@ M-step and the objective.
 
 The hooks each estimator defines: ``_m_step(stats)`` (the parameters from the
 E-step statistics), ``_objective(stats)`` (evaluated after the M-step),
-``_mixture_weights()`` and ``_estimate_weighted_log_prob(X)``; the class
+``_mixture_weights()`` and ``_log_prob_offsets()`` (``log p(x, k)`` minus the
+Gaussian log-density of component ``k``); the class
 attributes ``_state_names`` (the state tensors, each the fitted attribute of
 the same name plus ``_``) and ``_objective_uses_entropy``.
 
@@ -75,6 +79,8 @@ class MixtureStatistics:
         ``sum_i w_i log p(x_i)`` under the model of the E-step.
     resp_log_resp_sum : 0-d Tensor
         ``sum_i w_i sum_k r_ik log r_ik`` (only when the objective uses it).
+    exact_pass : bool
+        Whether the second moments needed the exactly centred second pass.
     """
 
     nk: torch.Tensor
@@ -83,6 +89,7 @@ class MixtureStatistics:
     weight_sum: float
     log_prob_sum: torch.Tensor
     resp_log_resp_sum: torch.Tensor
+    exact_pass: bool = False
 
 
 class BaseEMMixture(BaseDeepMixture):
@@ -166,6 +173,11 @@ class BaseEMMixture(BaseDeepMixture):
     def _mixture_weights(self):
         """The current mixture weights, a tensor of shape (n_components,)."""
 
+    @abstractmethod
+    def _log_prob_offsets(self):
+        """``log p(x, k) - log N(x; means_k, covariances_k)``, shape (n_components,)
+        (the log-weights, or their expectation and the Wishart terms)."""
+
     # ------------------------------------------------------------ checks
     def _check_parameters(self, X, ctx):
         n_samples = self._n_weighted_rows(ctx)
@@ -194,8 +206,8 @@ class BaseEMMixture(BaseDeepMixture):
         resp_of_rows = self._initial_responsibilities(X, ctx)
         center = _data_center(X, ctx.partition)
         self._m_step(self._statistics(
-            X, ctx, lambda chunk, rows: (resp_of_rows(rows), None, None),
-            center.expand(self.n_components, -1), center, self.reg_covar,
+            X, ctx, G.MixturePass(self.covariance_type, center, self.n_components),
+            self.reg_covar, resp_of_rows,
         ))
 
     def _initial_responsibilities(self, X, ctx):
@@ -233,47 +245,54 @@ class BaseEMMixture(BaseDeepMixture):
 
     # ------------------------------------------------------------------- EM
     def _fit_iteration(self, X, ctx):
-        """One E-step and M-step; returns the objective."""
+        """One E-step and M-step; returns the objective (and whether the
+        exactly centred second pass was needed)."""
         stats = self._e_step(X, ctx, self.reg_covar)
         self._m_step(stats)
-        return self._objective(stats)
+        return {"objective": self._objective(stats), "exact_pass": stats.exact_pass}
 
     def _e_step(self, X, ctx, reg_covar):
         """The statistics of all the rows under the current model."""
-        means = self._params["means"]
-        center = self._mixture_weights() @ means
-        return self._statistics(X, ctx, self._responsibilities, means, center, reg_covar)
+        params = self._params
+        means = params["means"]
+        em_pass = G.MixturePass(
+            self.covariance_type, self._mixture_weights() @ means, self.n_components,
+            means=means, precisions_cholesky=params["precisions_cholesky"],
+            log_offsets=self._log_prob_offsets(), entropy=self._objective_uses_entropy,
+        )
+        return self._statistics(X, ctx, em_pass, reg_covar)
 
-    def _responsibilities(self, chunk, rows):
-        """``(resp, log p(x), log resp or None)`` of a chunk under the model."""
-        weighted = self._estimate_weighted_log_prob(chunk)
-        log_prob_norm, resp = G.normalize_log_prob(weighted)
-        log_resp = weighted - log_prob_norm[:, None] if self._objective_uses_entropy else None
-        return resp, log_prob_norm, log_resp
+    def _estimate_weighted_log_prob(self, X):
+        params = self._params
+        center = self._mixture_weights() @ params["means"]
+        log_prob = G.log_gaussian_prob(X, params["means"], params["precisions_cholesky"],
+                                       self.covariance_type, center)
+        return log_prob + self._log_prob_offsets()
 
-    def _statistics(self, X, ctx, responsibilities, reference_means, center, reg_covar):
-        """Weighted sufficient statistics over chunks of rows, all processes summed.
-
-        ``responsibilities(chunk, rows)`` returns ``(resp, log_prob_norm,
-        log_resp)`` (the last two may be None).
-        """
+    def _statistics(self, X, ctx, em_pass, reg_covar, resp_of_rows=None):
+        """Weighted sufficient statistics over chunks of rows, all processes
+        summed: one :class:`~skdeepmix._gaussian.MixturePass` (its E-step, or
+        the responsibilities ``resp_of_rows(rows)``), then an exactly
+        centred second pass only when the first lost too many digits.
+        Nothing is read back to the host per chunk."""
         weights = ctx.sample_weight
         chunks = self._row_chunks(X.shape[0])
+        for rows in chunks:
+            em_pass.add(X[rows], None if resp_of_rows is None else resp_of_rows(rows),
+                        None if weights is None else weights[rows])
+        stats = em_pass.statistics()
 
-        def batches(exact):
+        def exact_pass(means):
             for rows in chunks:
                 chunk = X[rows]
-                resp, log_prob_norm, log_resp = responsibilities(chunk, rows)
-                batch = {"X": chunk, "resp": resp,
-                         "sample_weight": None if weights is None else weights[rows]}
-                if not exact:
-                    batch.update(log_prob_norm=log_prob_norm, log_resp=log_resp)
-                yield batch
+                resp = em_pass.responsibilities(chunk) if resp_of_rows is None \
+                    else resp_of_rows(rows)
+                stats.add_exact(chunk, resp, means,
+                                sample_weight=None if weights is None else weights[rows])
 
-        stats = G.SufficientStatistics(self.covariance_type, reference_means, center)
-        nk, means, covariances = stats.accumulate(batches, reg_covar, ctx.partition)
+        nk, means, covariances = stats.finalize(reg_covar, ctx.partition, exact_pass)
         return MixtureStatistics(nk, means, covariances, float(stats.weight_sum),
-                                 stats.log_prob_sum, stats.resp_log_resp_sum)
+                                 stats.log_prob_sum, stats.resp_log_resp_sum, stats.exact)
 
     # ------------------------------------------------------- state handling
     def _get_state(self):

@@ -32,6 +32,8 @@ __all__ = [
     "normalize_log_prob",
     "sample_gaussian",
     "SufficientStatistics",
+    "MixturePass",
+    "EXPANSION_TOLERANCE",
     "blend_moments",
     "moments_from_parameters",
     "parameters_from_moments",
@@ -42,6 +44,7 @@ __all__ = [
     "mixture_weights",
     "normal_wishart_posterior",
     "expected_log_gaussian_prob",
+    "expected_log_gaussian_offsets",
     "log_wishart_norm",
     "log_dirichlet_norm",
     "variational_lower_bound",
@@ -320,6 +323,8 @@ class SufficientStatistics:
     weight_sum, log_prob_sum, resp_log_resp_sum : 0-d Tensor
         ``sum_i w_i``, ``sum_i w_i log p(x_i)`` and
         ``sum_i w_i sum_k r_ik log r_ik`` (float64 where the device has it).
+    exact : bool
+        Whether the second moments were redone exactly centred.
     """
 
     def __init__(self, covariance_type, reference_means, center):
@@ -335,7 +340,7 @@ class SufficientStatistics:
         self.weight_sum = torch.zeros((), **scalar)
         self.log_prob_sum = torch.zeros((), **scalar)
         self.resp_log_resp_sum = torch.zeros((), **scalar)
-        self._exact = False
+        self.exact = False
 
     def add(self, X, resp, *, sample_weight=None, X_var=None, log_prob_norm=None,
             log_resp=None):
@@ -444,13 +449,36 @@ class SufficientStatistics:
         """
         for batch in batches(False):
             self.add(**batch)
+
+        def exact_pass(means):
+            for batch in batches(True):
+                self.add_exact(means=means, **batch)
+
+        return self.finalize(reg_covar, partition, exact_pass)
+
+    def finalize(self, reg_covar, partition, exact_pass):
+        """The parameters once the first pass is added: sums over the
+        processes, then, only when the centred sums lost too many digits
+        (:meth:`needs_exact_pass`), ``exact_pass(means)`` (which must
+        :meth:`add_exact` every row around the new ``means``).
+
+        Parameters
+        ----------
+        reg_covar : float
+        partition : RowPartition or None
+        exact_pass : callable
+
+        Returns
+        -------
+        nk, means, covariances : Tensor
+            As :meth:`mixture_parameters`.
+        """
         self.reduce(partition)
         nk, means, covariances, loss = self.mixture_parameters(reg_covar)
         if self.needs_exact_pass(loss):
             self.second.zero_()
-            self._exact = True  # also on a process without rows
-            for batch in batches(True):
-                self.add_exact(means=means, **batch)
+            self.exact = True  # also on a process without rows
+            exact_pass(means)
             self.reduce(partition, second_only=True)
             nk, means, covariances, _ = self.mixture_parameters(reg_covar)
         return nk, means, covariances
@@ -477,7 +505,7 @@ class SufficientStatistics:
         nk = self.resp_sum + 10 * eps
         means_c = self.first / nk[:, None]
         n_features = means_c.shape[1]
-        exact = self._exact
+        exact = self.exact
         if self.covariance_type == "full":
             raw = self.second / nk[:, None, None]
             delta = means_c - self.reference
@@ -492,6 +520,8 @@ class SufficientStatistics:
             raw = self.second / nk[:, None]
             cov = raw if exact else raw - means_c.square()
             raw_diag, cov_diag = raw, cov
+            if self.covariance_type == "spherical":  # what the variance keeps
+                raw_diag, cov_diag = raw.mean(1), cov.mean(1)
         # rounding error of the difference ~ eps * raw, relative to what is kept
         floor = max(float(reg_covar), torch.finfo(raw.dtype).tiny)
         loss_of_precision = float((raw_diag / (cov_diag.clamp_min(0.0) + floor)).max())
@@ -506,8 +536,273 @@ class SufficientStatistics:
     def needs_exact_pass(self, loss_of_precision):
         """Whether the cancellation lost more than half the digits."""
         eps = torch.finfo(self.first.dtype).eps
-        return not self._exact and not (loss_of_precision < 1.0 / math.sqrt(eps))
+        return not self.exact and not (loss_of_precision < 1.0 / math.sqrt(eps))
 
+
+#: rounding error (nats) of a log-density below which the E-step may expand
+#: the quadratic forms around the center (see :class:`MixturePass`)
+EXPANSION_TOLERANCE = 1e-3
+
+
+class MixturePass:
+    """One EM pass over row chunks: the E-step fused with the statistics.
+
+    The log-densities of all the components come from one matrix product of
+    per-row features of ``z = x - center`` with per-component coefficients,
+    and the sufficient statistics from one product of the same features with
+    the responsibilities:
+
+    * 'full': features ``[z_i z_j (i <= j), 1, z]``, in which
+      ``log N(x; mu_k, Lambda_k^-1) = -½ zᵀ Lambda_k z + zᵀ Lambda_k a_k
+      - ½ a_kᵀ Lambda_k a_k + const`` (``a_k = mu_k - center``) is linear, and
+      ``featuresᵀ resp`` holds the counts, first and (symmetric) second
+      moments at once. The products are formed per shift ``s``,
+      ``z_i z_(i+s mod d)``, in one broadcast operation;
+    * 'diag': ``[z², 1, z]``; 'spherical': ``[|z|², 1, z]``;
+    * 'tied': the whitened ``y = z P`` give ``y · b_k - ½|b_k|²``
+      (``b_k = a_k P``; ``-½|y|²`` is common to all the components), and
+      the second moments are ``sum_i w_i z_i z_iᵀ``.
+
+    Responsibilities are kept as (n_components × rows), so that the maximum
+    and the sum over the components reduce over the outer dimension. ``exp`` never sees numbers
+    that would give denormals (they are several times slower): log-densities
+    more than about 85 (float32) below a row's maximum are raised to that
+    floor, a relative change below the float's resolution. Nothing is read
+    back to the host per chunk.
+
+    The expanded forms round to about ``eps`` times the size of their terms,
+    ``eps |a_k|ᵀ|Lambda_k||a_k|`` for the rows of component ``k``. For 'full'
+    and 'tied', when that exceeds :data:`EXPANSION_TOLERANCE` nats (tight
+    components far from the center in float32), the pass computes the
+    whitened differences ``(x - mu_k) P_k`` instead (:func:`log_gaussian_prob`)
+    and centres the 'full' second moments on the current means
+    (:class:`SufficientStatistics`). Otherwise the second moments are centred
+    on ``center``; :meth:`SufficientStatistics.finalize` measures what that
+    lost and redoes them exactly centred when needed.
+
+    Parameters
+    ----------
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    center : Tensor of shape (n_features,)
+        A point near the data (e.g. the mixture mean).
+    n_components : int
+    means : Tensor of shape (n_components, n_features), optional
+        The model of the E-step; without it :meth:`add` takes the
+        responsibilities.
+    precisions_cholesky : Tensor, optional
+        As in :func:`log_gaussian_prob`.
+    log_offsets : Tensor of shape (n_components,), optional
+        Added to the log-densities: ``log p(x, k) = log N(x; mu_k, ...) +
+        log_offsets[k]`` (the log-weights, for instance).
+    entropy : bool, default=False
+        Whether to accumulate ``sum_i w_i sum_k r_ik log r_ik``.
+
+    Attributes
+    ----------
+    expanded : bool
+        Whether the expanded (fused) form is used.
+    """
+
+    def __init__(self, covariance_type, center, n_components, *, means=None,
+                 precisions_cholesky=None, log_offsets=None, entropy=False):
+        d = center.shape[0]
+        self.covariance_type = covariance_type
+        self.center = center
+        self.entropy = entropy
+        self.means, self.precisions_cholesky = means, precisions_cholesky
+        self.log_offsets = log_offsets
+        self.expanded = means is None or covariance_type in ("diag", "spherical") or (
+            _expansion_error(means - center, precisions_cholesky, covariance_type)
+            <= EXPANSION_TOLERANCE
+        )
+        reference = means if not self.expanded and covariance_type == "full" \
+            else center.expand(n_components, d)
+        self._stats = SufficientStatistics(covariance_type, reference, center)
+        self._n_rows = 0
+        if not self.expanded:
+            return
+        n_quadratic = {"full": d * (d + 1) // 2, "tied": 0, "diag": d, "spherical": 1}
+        # feature columns: [quadratic (or y for 'tied'), 1, z] (+ a copy of z for 'full')
+        self._ones_column = d if covariance_type == "tied" else n_quadratic[covariance_type]
+        self._n_features = self._ones_column + 1 + d
+        self._buffers = {}
+        first = d if covariance_type == "tied" else 0  # not y
+        self._sums = center.new_zeros(self._n_features - first, n_components)
+        self._sum_columns = slice(first, self._n_features)  # featuresᵀ resp
+        self._pairs = _circulant_pairs(d, center.device)
+        if means is not None:
+            self._coefficients = self._log_prob_coefficients()
+
+    # ------------------------------------------------------------ features
+    def _features(self, X):
+        """Features of the rows: (n, n_feature_columns) (see the class)."""
+        n, d = X.shape
+        buffer = self._buffers.get(n)
+        if buffer is None:  # one for the chunk size, one for the last chunk
+            extra = d if self.covariance_type == "full" else 0
+            buffer = self._buffers[n] = X.new_empty(n, self._n_features + extra)
+            buffer[:, self._ones_column] = 1.0
+        z = buffer[:, self._ones_column + 1:self._ones_column + 1 + d]
+        torch.sub(X, self.center, out=z)
+        kind = self.covariance_type
+        if kind == "full":  # z_i z_(i+s mod d): column i of block s, read from [z, z]
+            buffer[:, self._n_features:] = z
+            n_full, half = d // 2 + d % 2, d // 2 if d % 2 == 0 else 0
+            shifted = z.as_strided((n, n_full, d), (buffer.stride(0), 1, 1))
+            torch.mul(z[:, None, :], shifted, out=buffer[:, :n_full * d].unflatten(1, (n_full, d)))
+            if half:
+                torch.mul(z[:, :half], z[:, half:], out=buffer[:, n_full * d:n_full * d + half])
+        elif kind == "diag":
+            torch.square(z, out=buffer[:, :d])
+        elif kind == "spherical":
+            torch.sum(z.square(), 1, keepdim=True, out=buffer[:, :1])
+        elif self.means is not None:  # tied: whitened rows y = z P
+            torch.mm(z, self.precisions_cholesky, out=buffer[:, :d])
+        return buffer[:, :self._n_features]
+
+    def _log_prob_coefficients(self):
+        """(n_components, n_feature_rows): log-densities = ``coefficients @ features``."""
+        P, kind = self.precisions_cholesky, self.covariance_type
+        a = self.means - self.center
+        d = a.shape[1]
+        const = -0.5 * d * LOG_2PI + log_det_cholesky(P, kind, d) + self.log_offsets
+        if kind == "full":
+            precision = P @ P.transpose(-1, -2)
+            i, j = self._pairs
+            quadratic = precision[:, i, j] * torch.where(i == j, -0.5, -1.0).to(P.dtype)
+            linear = torch.einsum("kde,ke->kd", precision, a)
+            const = const - 0.5 * torch.einsum("kd,kde->ke", a, P).square().sum(1)
+        elif kind == "tied":
+            quadratic = a @ P  # whitened a_k, against the rows y
+            linear = torch.zeros_like(a)
+            const = const - 0.5 * quadratic.square().sum(1)
+        else:
+            precision = P.square()
+            if kind == "spherical":
+                precision = precision[:, None].expand_as(a)
+            quadratic = -0.5 * (precision if kind == "diag" else precision[:, :1])
+            linear = a * precision
+            const = const - 0.5 * (a.square() * precision).sum(1)
+        coefficients = torch.cat([quadratic, const[:, None], linear], 1)
+        return coefficients[:, :d + 1] if kind == "tied" else coefficients
+
+    # ------------------------------------------------------------- E-step
+    def _careful_log_prob(self, X):
+        """``log p(x, k)`` from the whitened differences, shape (n, n_components)."""
+        return log_gaussian_prob(X, self.means, self.precisions_cholesky,
+                                 self.covariance_type, self.center) + self.log_offsets
+
+    def _responsibilities(self, features):
+        """``(resp, log p(x))`` of the rows of ``features``; resp of shape
+        (n_components, n)."""
+        d = self.center.shape[0]
+        if self.covariance_type == "tied":
+            log_prob = self._coefficients @ features[:, :d + 1].T
+        else:
+            log_prob = self._coefficients @ features.T
+        K = log_prob.shape[0]
+        floor = math.log(torch.finfo(log_prob.dtype).tiny) + math.log(K) + 1.0
+        peak = log_prob.amax(0)
+        resp = log_prob.sub_(peak).clamp_(min=floor).exp_()
+        total = resp.sum(0)
+        resp.div_(total)
+        log_prob_norm = total.log_().add_(peak)
+        if self.covariance_type == "tied":  # the term common to all components
+            log_prob_norm -= 0.5 * features[:, :d].square().sum(1)
+        return resp, log_prob_norm
+
+    def responsibilities(self, X):
+        """Responsibilities of the rows ``X``, shape (n, n_components)."""
+        if not self.expanded:
+            return normalize_log_prob(self._careful_log_prob(X))[1]
+        return self._responsibilities(self._features(X))[0].T
+
+    # --------------------------------------------------------- statistics
+    def add(self, X, resp=None, sample_weight=None):
+        """Add rows ``X`` (n, d): the E-step (unless ``resp`` of shape
+        (n, n_components) is given), then their statistics.
+
+        Parameters
+        ----------
+        X : Tensor of shape (n, d)
+        resp : Tensor of shape (n, n_components), optional
+            Required when the pass has no model.
+        sample_weight : Tensor of shape (n,), optional
+        """
+        stats = self._stats
+        wide = stats.weight_sum.dtype
+        if not self.expanded:
+            weighted = self._careful_log_prob(X)
+            log_prob_norm, resp = normalize_log_prob(weighted)
+            log_resp = weighted - log_prob_norm[:, None] if self.entropy else None
+            stats.add(X, resp, sample_weight=sample_weight, log_prob_norm=log_prob_norm,
+                      log_resp=log_resp)
+            return
+        features = self._features(X)
+        if resp is None:
+            resp, log_prob_norm = self._responsibilities(features)
+            if self.entropy:
+                entropy = torch.xlogy(resp, resp).sum(0)
+                stats.resp_log_resp_sum += entropy.sum(dtype=wide) \
+                    if sample_weight is None else (sample_weight @ entropy).to(wide)
+            stats.log_prob_sum += log_prob_norm.sum(dtype=wide) \
+                if sample_weight is None else (sample_weight @ log_prob_norm).to(wide)
+        else:
+            resp = resp.T
+        if sample_weight is None:
+            self._n_rows += X.shape[0]
+        else:
+            resp = resp * sample_weight
+            stats.weight_sum += sample_weight.sum(dtype=wide)
+        if self.covariance_type == "tied":
+            z = features[:, self._ones_column + 1:]
+            weighted = z if sample_weight is None else z * sample_weight[:, None]
+            stats.second.addmm_(weighted.T, z)
+        self._sums.addmm_(features[:, self._sum_columns].T, resp.T)
+
+    def statistics(self):
+        """The :class:`SufficientStatistics` of the rows added (call once)."""
+        stats = self._stats
+        stats.weight_sum += self._n_rows
+        if not self.expanded:
+            return stats
+        d, kind = self.center.shape[0], self.covariance_type
+        sums = self._sums[self._ones_column - self._sum_columns.start:]
+        stats.resp_sum += sums[0]
+        stats.first += sums[1:].T
+        quadratic = self._sums[:self._ones_column - self._sum_columns.start]
+        if kind == "full":
+            i, j = self._pairs
+            stats.second[:, i, j] = quadratic.T
+            stats.second[:, j, i] = quadratic.T
+        elif kind == "diag":
+            stats.second += quadratic.T
+        elif kind == "spherical":
+            stats.second += quadratic.T / d  # each feature: the mean of |z|² / d
+        return stats
+
+
+def _circulant_pairs(n_features, device):
+    """Index pairs ``(i, (i + s) mod d)`` of the 'full' features, in their order:
+    every unordered pair once."""
+    d = n_features
+    n_full, half = d // 2 + d % 2, d // 2 if d % 2 == 0 else 0
+    rows = torch.arange(d, device=device)
+    i = torch.cat([rows.repeat(n_full), rows[:half]])
+    shift = torch.cat([torch.arange(n_full, device=device).repeat_interleave(d),
+                       torch.full((half,), half, device=device, dtype=torch.long)])
+    return i, (i + shift) % d
+
+
+def _expansion_error(offsets, precisions_cholesky, covariance_type):
+    """Rounding error (nats) of the expanded quadratic forms of
+    :class:`MixturePass`: about ``eps (|a_k|ᵀ |Lambda_k| |a_k| + d)`` at its largest."""
+    eps = torch.finfo(offsets.dtype).eps
+    precision = precisions_from_cholesky(precisions_cholesky, covariance_type).abs()
+    a = offsets.abs()
+    size = torch.einsum("kd,kde,ke->k", a, precision, a) if covariance_type == "full" \
+        else torch.einsum("kd,de,ke->k", a, precision, a)
+    return eps * (float(size.max()) + offsets.shape[1])
 
 def _outer(delta):
     return delta[..., :, None] * delta[..., None, :]
@@ -766,15 +1061,24 @@ def expected_log_gaussian_prob(X, means, precisions_cholesky, degrees_of_freedom
     -------
     log_prob : Tensor of shape (n_samples, n_components)
     """
-    n_features = X.shape[1]
+    log_gauss = log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center, X_var)
+    return log_gauss + expected_log_gaussian_offsets(degrees_of_freedom, mean_precision,
+                                                     X.shape[1])
+
+
+def expected_log_gaussian_offsets(degrees_of_freedom, mean_precision, n_features):
+    """``E_q[log N(x | mu_k, Lambda_k^-1)] - log N(x | m_k, (nu_k W_k)^-1)``.
+
+    The part of :func:`expected_log_gaussian_prob` that does not depend on
+    ``x``, shape (K,) (broadcast to (K,) for 'tied').
+    """
     # the normalised precision nu W gives the Mahalanobis term; its log-det
     # counts d log(nu) that log|W| does not have
-    log_gauss = log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center, X_var)
-    log_gauss = log_gauss - 0.5 * n_features * degrees_of_freedom.log()
     log_lambda = n_features * math.log(2.0) + _sum_over_dimensions(
         torch.digamma, degrees_of_freedom, n_features
     )
-    return log_gauss + 0.5 * (log_lambda - n_features / mean_precision)
+    return (0.5 * (log_lambda - n_features / mean_precision)
+            - 0.5 * n_features * degrees_of_freedom.log())
 
 
 def log_wishart_norm(degrees_of_freedom, log_det_precisions_chol, n_features):
