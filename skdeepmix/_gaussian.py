@@ -539,8 +539,12 @@ class SufficientStatistics:
         return not self.exact and not (loss_of_precision < 1.0 / math.sqrt(eps))
 
 
-#: rounding error (nats) of a log-density below which the E-step may expand
-#: the quadratic forms around the center (see :class:`MixturePass`)
+#: quadratic feature columns of a MixturePass, by covariance type
+_N_QUADRATIC = {"full": lambda d: d * (d + 1) // 2, "tied": lambda d: d,
+                "diag": lambda d: d, "spherical": lambda d: 1}
+
+#: rounding error (nats) of the log-densities above which a pass computes in
+#: float64 (see :class:`MixturePass`)
 EXPANSION_TOLERANCE = 1e-3
 
 
@@ -564,21 +568,20 @@ class MixturePass:
       the second moments are ``sum_i w_i z_i z_iᵀ``.
 
     Responsibilities are kept as (n_components × rows), so that the maximum
-    and the sum over the components reduce over the outer dimension. ``exp`` never sees numbers
-    that would give denormals (they are several times slower): log-densities
-    more than about 85 (float32) below a row's maximum are raised to that
-    floor, a relative change below the float's resolution. Nothing is read
-    back to the host per chunk.
+    and the sum over the components reduce over the outer dimension. ``exp``
+    never sees numbers that would give denormals (several times slower):
+    log-densities more than about 85 (float32) below a row's maximum are
+    raised to that floor, a change below the float's resolution. Nothing is
+    read back to the host per chunk.
 
-    The expanded forms round to about ``eps`` times the size of their terms,
-    ``eps |a_k|ᵀ|Lambda_k||a_k|`` for the rows of component ``k``. For 'full'
-    and 'tied', when that exceeds :data:`EXPANSION_TOLERANCE` nats (tight
-    components far from the center in float32), the pass computes the
-    whitened differences ``(x - mu_k) P_k`` instead (:func:`log_gaussian_prob`)
-    and centres the 'full' second moments on the current means
-    (:class:`SufficientStatistics`). Otherwise the second moments are centred
-    on ``center``; :meth:`SufficientStatistics.finalize` measures what that
-    lost and redoes them exactly centred when needed.
+    Precision. The expanded quadratic forms round to about ``eps`` times the
+    size of their terms, ``eps |a_k|ᵀ|Lambda_k||a_k|`` for the rows of
+    component ``k``; when that exceeds :data:`EXPANSION_TOLERANCE` nats (tight
+    components far from the center, in float32), the pass computes in
+    float64 (where the device has it) and returns the parameters in the
+    input's dtype. The second moments are centred on ``center``;
+    :meth:`finalize` measures what that lost and, when it lost more than half
+    the digits, redoes them exactly centred on the new means (a second pass).
 
     Parameters
     ----------
@@ -599,39 +602,46 @@ class MixturePass:
 
     Attributes
     ----------
-    expanded : bool
-        Whether the expanded (fused) form is used.
+    dtype : torch.dtype
+        The dtype of the computation (float64 where the input's lost too much).
+    stats : SufficientStatistics
+        The sums (in ``dtype``), complete after :meth:`finalize`.
     """
 
     def __init__(self, covariance_type, center, n_components, *, means=None,
                  precisions_cholesky=None, log_offsets=None, entropy=False):
         d = center.shape[0]
         self.covariance_type = covariance_type
-        self.center = center
         self.entropy = entropy
-        self.means, self.precisions_cholesky = means, precisions_cholesky
+        self.input_dtype = self.dtype = center.dtype
+        if means is not None and center.dtype != _sum_dtype(center) and _expansion_error(
+            means - center, precisions_cholesky, covariance_type
+        ) > EXPANSION_TOLERANCE:
+            self.dtype = _sum_dtype(center)
+            wide = lambda t: t.to(self.dtype)  # noqa: E731
+            center, means, precisions_cholesky, log_offsets = map(
+                wide, (center, means, precisions_cholesky, log_offsets))
+        self.center, self.means, self.precisions_cholesky = center, means, precisions_cholesky
         self.log_offsets = log_offsets
-        self.expanded = means is None or covariance_type in ("diag", "spherical") or (
-            _expansion_error(means - center, precisions_cholesky, covariance_type)
-            <= EXPANSION_TOLERANCE
-        )
-        reference = means if not self.expanded and covariance_type == "full" \
-            else center.expand(n_components, d)
-        self._stats = SufficientStatistics(covariance_type, reference, center)
+        self.stats = SufficientStatistics(covariance_type, center.expand(n_components, d),
+                                          center)
         self._n_rows = 0
-        if not self.expanded:
-            return
-        n_quadratic = {"full": d * (d + 1) // 2, "tied": 0, "diag": d, "spherical": 1}
-        # feature columns: [quadratic (or y for 'tied'), 1, z] (+ a copy of z for 'full')
-        self._ones_column = d if covariance_type == "tied" else n_quadratic[covariance_type]
+        # feature columns: [quadratic (y for 'tied'), 1, z] (+ a copy of z for 'full')
+        self._ones_column = _N_QUADRATIC[covariance_type](d)
         self._n_features = self._ones_column + 1 + d
         self._buffers = {}
-        first = d if covariance_type == "tied" else 0  # not y
-        self._sums = center.new_zeros(self._n_features - first, n_components)
-        self._sum_columns = slice(first, self._n_features)  # featuresᵀ resp
+        first = d if covariance_type == "tied" else 0  # the statistics skip y
+        self._sum_columns = slice(first, self._n_features)
+        self._sums = center.new_zeros(n_components, self._n_features - first)  # resp @ features
         self._pairs = _circulant_pairs(d, center.device)
         if means is not None:
             self._coefficients = self._log_prob_coefficients()
+
+    @staticmethod
+    def n_columns(covariance_type, n_features):
+        """Values per row of the feature buffer (what a chunk's memory holds)."""
+        d = n_features
+        return _N_QUADRATIC[covariance_type](d) + 1 + d + (d if covariance_type == "full" else 0)
 
     # ------------------------------------------------------------ features
     def _features(self, X):
@@ -640,16 +650,17 @@ class MixturePass:
         buffer = self._buffers.get(n)
         if buffer is None:  # one for the chunk size, one for the last chunk
             extra = d if self.covariance_type == "full" else 0
-            buffer = self._buffers[n] = X.new_empty(n, self._n_features + extra)
+            buffer = self._buffers[n] = self.center.new_empty(n, self._n_features + extra)
             buffer[:, self._ones_column] = 1.0
-        z = buffer[:, self._ones_column + 1:self._ones_column + 1 + d]
+        z = buffer[:, self._ones_column + 1:self._n_features]
         torch.sub(X, self.center, out=z)
         kind = self.covariance_type
         if kind == "full":  # z_i z_(i+s mod d): column i of block s, read from [z, z]
             buffer[:, self._n_features:] = z
             n_full, half = d // 2 + d % 2, d // 2 if d % 2 == 0 else 0
             shifted = z.as_strided((n, n_full, d), (buffer.stride(0), 1, 1))
-            torch.mul(z[:, None, :], shifted, out=buffer[:, :n_full * d].unflatten(1, (n_full, d)))
+            torch.mul(z[:, None, :], shifted,
+                      out=buffer[:, :n_full * d].unflatten(1, (n_full, d)))
             if half:
                 torch.mul(z[:, :half], z[:, half:], out=buffer[:, n_full * d:n_full * d + half])
         elif kind == "diag":
@@ -661,7 +672,7 @@ class MixturePass:
         return buffer[:, :self._n_features]
 
     def _log_prob_coefficients(self):
-        """(n_components, n_feature_rows): log-densities = ``coefficients @ features``."""
+        """(n_components, columns): log-densities = ``coefficients @ featuresᵀ``."""
         P, kind = self.precisions_cholesky, self.covariance_type
         a = self.means - self.center
         d = a.shape[1]
@@ -672,50 +683,43 @@ class MixturePass:
             quadratic = precision[:, i, j] * torch.where(i == j, -0.5, -1.0).to(P.dtype)
             linear = torch.einsum("kde,ke->kd", precision, a)
             const = const - 0.5 * torch.einsum("kd,kde->ke", a, P).square().sum(1)
-        elif kind == "tied":
-            quadratic = a @ P  # whitened a_k, against the rows y
-            linear = torch.zeros_like(a)
-            const = const - 0.5 * quadratic.square().sum(1)
-        else:
-            precision = P.square()
-            if kind == "spherical":
-                precision = precision[:, None].expand_as(a)
-            quadratic = -0.5 * (precision if kind == "diag" else precision[:, :1])
-            linear = a * precision
-            const = const - 0.5 * (a.square() * precision).sum(1)
-        coefficients = torch.cat([quadratic, const[:, None], linear], 1)
-        return coefficients[:, :d + 1] if kind == "tied" else coefficients
+            return torch.cat([quadratic, const[:, None], linear], 1)
+        if kind == "tied":
+            whitened = a @ P  # against the columns y
+            return torch.cat([whitened, (const - 0.5 * whitened.square().sum(1))[:, None]], 1)
+        precision = P.square()
+        if kind == "spherical":
+            precision = precision[:, None].expand_as(a)
+        quadratic = -0.5 * (precision if kind == "diag" else precision[:, :1])
+        const = const - 0.5 * (a.square() * precision).sum(1)
+        return torch.cat([quadratic, const[:, None], a * precision], 1)
 
     # ------------------------------------------------------------- E-step
-    def _careful_log_prob(self, X):
-        """``log p(x, k)`` from the whitened differences, shape (n, n_components)."""
-        return log_gaussian_prob(X, self.means, self.precisions_cholesky,
-                                 self.covariance_type, self.center) + self.log_offsets
-
-    def _responsibilities(self, features):
-        """``(resp, log p(x))`` of the rows of ``features``; resp of shape
-        (n_components, n)."""
+    def _responsibilities(self, features, entropy=False):
+        """``(resp, log p(x), sum_k r_k log r_k or None)`` of the rows of
+        ``features``; resp of shape (n_components, n)."""
         d = self.center.shape[0]
         if self.covariance_type == "tied":
             log_prob = self._coefficients @ features[:, :d + 1].T
         else:
             log_prob = self._coefficients @ features.T
-        K = log_prob.shape[0]
-        floor = math.log(torch.finfo(log_prob.dtype).tiny) + math.log(K) + 1.0
+        floor = math.log(torch.finfo(self.dtype).tiny) + math.log(log_prob.shape[0]) + 1.0
         peak = log_prob.amax(0)
-        resp = log_prob.sub_(peak).clamp_(min=floor).exp_()
+        shifted = log_prob.sub_(peak).clamp_(min=floor)
+        resp = torch.exp(shifted) if entropy else shifted.exp_()
         total = resp.sum(0)
         resp.div_(total)
-        log_prob_norm = total.log_().add_(peak)
+        log_total = total.log_()
+        # sum_k r log r = sum_k r (shifted - log total) (xlogy is several times slower)
+        row_entropy = (resp * shifted).sum(0).sub_(log_total) if entropy else None
+        log_prob_norm = log_total.add_(peak)
         if self.covariance_type == "tied":  # the term common to all components
             log_prob_norm -= 0.5 * features[:, :d].square().sum(1)
-        return resp, log_prob_norm
+        return resp, log_prob_norm, row_entropy
 
     def responsibilities(self, X):
         """Responsibilities of the rows ``X``, shape (n, n_components)."""
-        if not self.expanded:
-            return normalize_log_prob(self._careful_log_prob(X))[1]
-        return self._responsibilities(self._features(X))[0].T
+        return self._responsibilities(self._features(X.to(self.dtype)))[0].T
 
     # --------------------------------------------------------- statistics
     def add(self, X, resp=None, sample_weight=None):
@@ -729,26 +733,19 @@ class MixturePass:
             Required when the pass has no model.
         sample_weight : Tensor of shape (n,), optional
         """
-        stats = self._stats
-        wide = stats.weight_sum.dtype
-        if not self.expanded:
-            weighted = self._careful_log_prob(X)
-            log_prob_norm, resp = normalize_log_prob(weighted)
-            log_resp = weighted - log_prob_norm[:, None] if self.entropy else None
-            stats.add(X, resp, sample_weight=sample_weight, log_prob_norm=log_prob_norm,
-                      log_resp=log_resp)
-            return
-        features = self._features(X)
+        stats, wide = self.stats, self.stats.weight_sum.dtype
+        if sample_weight is not None:
+            sample_weight = sample_weight.to(self.dtype)
+        features = self._features(X.to(self.dtype))
         if resp is None:
-            resp, log_prob_norm = self._responsibilities(features)
+            resp, log_prob_norm, entropy = self._responsibilities(features, self.entropy)
             if self.entropy:
-                entropy = torch.xlogy(resp, resp).sum(0)
                 stats.resp_log_resp_sum += entropy.sum(dtype=wide) \
                     if sample_weight is None else (sample_weight @ entropy).to(wide)
             stats.log_prob_sum += log_prob_norm.sum(dtype=wide) \
                 if sample_weight is None else (sample_weight @ log_prob_norm).to(wide)
         else:
-            resp = resp.T
+            resp = resp.T.to(self.dtype)
         if sample_weight is None:
             self._n_rows += X.shape[0]
         else:
@@ -758,28 +755,52 @@ class MixturePass:
             z = features[:, self._ones_column + 1:]
             weighted = z if sample_weight is None else z * sample_weight[:, None]
             stats.second.addmm_(weighted.T, z)
-        self._sums.addmm_(features[:, self._sum_columns].T, resp.T)
+        self._sums.addmm_(resp, features[:, self._sum_columns])
 
-    def statistics(self):
-        """The :class:`SufficientStatistics` of the rows added (call once)."""
-        stats = self._stats
+    def finalize(self, reg_covar, partition=None, exact_rows=None):
+        """The M-step's statistics, summed over the processes of ``partition``.
+
+        Parameters
+        ----------
+        reg_covar : float
+        partition : RowPartition, optional
+        exact_rows : callable, optional
+            ``exact_rows()`` iterates over ``(X, resp, sample_weight)`` again
+            (``resp`` None: the E-step's), for the exactly centred second pass
+            (:meth:`SufficientStatistics.finalize`); required unless the
+            pass never needs it.
+
+        Returns
+        -------
+        nk, means, covariances : Tensor
+            As :meth:`SufficientStatistics.mixture_parameters`, in the
+            input's dtype.
+        """
+        stats, sums = self.stats, self._sums
         stats.weight_sum += self._n_rows
-        if not self.expanded:
-            return stats
         d, kind = self.center.shape[0], self.covariance_type
-        sums = self._sums[self._ones_column - self._sum_columns.start:]
-        stats.resp_sum += sums[0]
-        stats.first += sums[1:].T
-        quadratic = self._sums[:self._ones_column - self._sum_columns.start]
+        ones = self._ones_column - self._sum_columns.start
+        stats.resp_sum += sums[:, ones]
+        stats.first += sums[:, ones + 1:]
+        quadratic = sums[:, :ones]
         if kind == "full":
             i, j = self._pairs
-            stats.second[:, i, j] = quadratic.T
-            stats.second[:, j, i] = quadratic.T
+            stats.second[:, i, j] = quadratic
+            stats.second[:, j, i] = quadratic
         elif kind == "diag":
-            stats.second += quadratic.T
+            stats.second += quadratic
         elif kind == "spherical":
-            stats.second += quadratic.T / d  # each feature: the mean of |z|² / d
-        return stats
+            stats.second += quadratic / d  # each feature: the mean of |z|² / d
+
+        def exact_pass(means):
+            for X, resp, sample_weight in exact_rows():
+                X = X.to(self.dtype)
+                resp = self.responsibilities(X) if resp is None else resp.to(self.dtype)
+                stats.add_exact(X, resp, means, sample_weight=None if sample_weight is None
+                                else sample_weight.to(self.dtype))
+
+        return tuple(t.to(self.input_dtype) for t in stats.finalize(
+            reg_covar, partition, exact_pass))
 
 
 def _circulant_pairs(n_features, device):
@@ -787,8 +808,8 @@ def _circulant_pairs(n_features, device):
     every unordered pair once."""
     d = n_features
     n_full, half = d // 2 + d % 2, d // 2 if d % 2 == 0 else 0
-    rows = torch.arange(d, device=device)
-    i = torch.cat([rows.repeat(n_full), rows[:half]])
+    columns = torch.arange(d, device=device)
+    i = torch.cat([columns.repeat(n_full), columns[:half]])
     shift = torch.cat([torch.arange(n_full, device=device).repeat_interleave(d),
                        torch.full((half,), half, device=device, dtype=torch.long)])
     return i, (i + shift) % d
@@ -797,12 +818,16 @@ def _circulant_pairs(n_features, device):
 def _expansion_error(offsets, precisions_cholesky, covariance_type):
     """Rounding error (nats) of the expanded quadratic forms of
     :class:`MixturePass`: about ``eps (|a_k|ᵀ |Lambda_k| |a_k| + d)`` at its largest."""
-    eps = torch.finfo(offsets.dtype).eps
-    precision = precisions_from_cholesky(precisions_cholesky, covariance_type).abs()
     a = offsets.abs()
-    size = torch.einsum("kd,kde,ke->k", a, precision, a) if covariance_type == "full" \
-        else torch.einsum("kd,de,ke->k", a, precision, a)
-    return eps * (float(size.max()) + offsets.shape[1])
+    precision = precisions_from_cholesky(precisions_cholesky, covariance_type).abs()
+    if covariance_type == "full":
+        size = torch.einsum("kd,kde,ke->k", a, precision, a)
+    elif covariance_type == "tied":
+        size = torch.einsum("kd,de,ke->k", a, precision, a)
+    else:
+        size = (a.square() * (precision if covariance_type == "diag"
+                              else precision[:, None])).sum(1)
+    return torch.finfo(offsets.dtype).eps * (float(size.max()) + offsets.shape[1])
 
 def _outer(delta):
     return delta[..., :, None] * delta[..., None, :]
