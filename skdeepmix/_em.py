@@ -16,7 +16,8 @@ M-step and the objective.
   with an exactly centred second pass only when the first one lost too many
   digits, and no host read per chunk), so that memory is bounded by
   ``chunk_size``; ``history_`` records per iteration whether that second
-  pass was needed (``exact_pass``);
+  pass was needed (``exact_pass``) and whether a float32 model's pass ran in
+  float64 for precision (``float64_pass``);
 * the fitted state: tensors in ``_params`` mirrored by the public fitted
   attributes (``means_``, ...), which may be replaced by the user (a
   ``warm_start`` fit then continues from them);
@@ -81,6 +82,9 @@ class MixtureStatistics:
         ``sum_i w_i sum_k r_ik log r_ik`` (only when the objective uses it).
     exact_pass : bool
         Whether the second moments needed the exactly centred second pass.
+    float64_pass : bool
+        Whether the pass computed in float64 for a float32 model (the
+        expanded quadratic forms would have lost too much).
     """
 
     nk: torch.Tensor
@@ -90,6 +94,7 @@ class MixtureStatistics:
     log_prob_sum: torch.Tensor
     resp_log_resp_sum: torch.Tensor
     exact_pass: bool = False
+    float64_pass: bool = False
 
 
 class BaseEMMixture(BaseDeepMixture):
@@ -255,11 +260,12 @@ class BaseEMMixture(BaseDeepMixture):
 
     # ------------------------------------------------------------------- EM
     def _fit_iteration(self, X, ctx):
-        """One E-step and M-step; returns the objective (and whether the
-        exactly centred second pass was needed)."""
+        """One E-step and M-step; returns the objective (and which passes
+        were needed: see :class:`MixtureStatistics`)."""
         stats = self._e_step(X, ctx, self.reg_covar)
         self._m_step(stats)
-        return {"objective": self._objective(stats), "exact_pass": stats.exact_pass}
+        return {"objective": self._objective(stats), "exact_pass": stats.exact_pass,
+                "float64_pass": stats.float64_pass}
 
     def _e_step(self, X, ctx, reg_covar):
         """The statistics of all the rows under the current model."""
@@ -297,7 +303,8 @@ class BaseEMMixture(BaseDeepMixture):
         nk, means, covariances = em_pass.finalize(reg_covar, ctx.partition, rows_again)
         stats = em_pass.stats
         return MixtureStatistics(nk, means, covariances, float(stats.weight_sum),
-                                 stats.log_prob_sum, stats.resp_log_resp_sum, stats.exact)
+                                 stats.log_prob_sum, stats.resp_log_resp_sum, stats.exact,
+                                 em_pass.dtype != em_pass.input_dtype)
 
     # ------------------------------------------------------- state handling
     def _get_state(self):
