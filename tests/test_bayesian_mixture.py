@@ -303,7 +303,9 @@ def test_benchmark_quick_run(tmp_path):
     bench.main(["--quick", "--out", str(out)])
     assert torch.get_num_threads() == threads
     text = out.read_text()
-    assert "| metric | time | ratio | thread count | machine |" in text
-    assert "shared, busy machine" in text and "Lower bounds" in text
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| full, float64")]
-    assert rows and float(rows[0][3]) < 1e-9  # relative difference of the lower bounds
+    assert "shared, busy machine" in text and "float64 GEMM GFLOP/s" in text
+    assert "## Lower bounds after 4 iterations" in text and "## Peak memory" in text
+    rows = [line.split(" | ") for line in text.splitlines()
+            if line.startswith("| kmeans | near | full")]
+    assert len(rows) == 2  # timings and lower bounds
+    assert float(rows[1][8]) < 1e-9  # float64 lower bound, relative to scikit-learn's
