@@ -228,7 +228,8 @@ def _run(args):
     else:
         size, short, long = (100_000, 32, 16), 8, 40
         memory_rows, memory_chunks = [100_000, 400_000], [1024, 16384]
-    peaks = measure_peaks(size=512, copy_values=2**22) if args.quick else measure_peaks()
+    peaks = (measure_peaks(size=512, copy_values=2**22, clock=args.clock) if args.quick
+             else measure_peaks(clock=args.clock))
     print(peaks, flush=True)
     timings, bounds = run_timings(*size, short, long, args.repeats, args.clock, peaks)
     memory = [] if args.no_memory else run_memory(size[1], size[2], memory_rows,
@@ -259,7 +260,7 @@ def _run(args):
                  "cores): the timings are indicative only; rerun on a quiet machine "
                  "(`--threads 2 --quiet-machine`) for final numbers.**", ""]
     text += [
-        "Machine peaks measured in the same run, same threads: "
+        f"Machine peaks measured in the same run, same threads and clock: "
         + ", ".join(f"{key} {value:.3g}" for key, value in peaks.items()) + ".",
         "",
         "GFLOP/s and GB/s: our fused pass's matrix-product flops and a lower bound "

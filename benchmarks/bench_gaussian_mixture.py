@@ -210,7 +210,8 @@ def _run(args):
         size, short, long, args.repeats, memory_rows = (2000, 4, 3), 2, 4, 1, 20_000
     else:
         size, short, long, memory_rows = (100_000, 32, 16), 8, 40, 2_000_000
-    peaks = measure_peaks(size=512, copy_values=2**22) if args.quick else measure_peaks()
+    peaks = (measure_peaks(size=512, copy_values=2**22, clock=args.clock) if args.quick
+             else measure_peaks(clock=args.clock))
     print(peaks, flush=True)
     timings, bounds = run_timings(*size, short, long, args.repeats, args.clock, peaks)
     memory = None if args.no_memory else run_memory(memory_rows, args.threads)
@@ -241,7 +242,7 @@ def _run(args):
                  "cores): the timings are indicative only; rerun on a quiet machine "
                  "(`--threads 2 --quiet-machine`) for final numbers.**", ""]
     text += [
-        "Machine peaks measured in the same run, same threads: "
+        f"Machine peaks measured in the same run, same threads and clock: "
         + ", ".join(f"{key} {value:.3g}" for key, value in peaks.items()) + ".",
         "",
         "GFLOP/s and GB/s: our fused pass's matrix-product flops and a lower bound "

@@ -633,7 +633,8 @@ class MixturePass:
         first = d if covariance_type == "tied" else 0  # the statistics skip y
         self._sum_columns = slice(first, self._n_features)
         self._sums = center.new_zeros(n_components, self._n_features - first)  # resp @ features
-        self._pairs = _circulant_pairs(d, center.device)
+        if covariance_type == "full":
+            self._pairs = _circulant_pairs(d, center.device)
         if means is not None:
             self._coefficients = self._log_prob_coefficients()
 
@@ -828,6 +829,7 @@ def _expansion_error(offsets, precisions_cholesky, covariance_type):
         size = (a.square() * (precision if covariance_type == "diag"
                               else precision[:, None])).sum(1)
     return torch.finfo(offsets.dtype).eps * (float(size.max()) + offsets.shape[1])
+
 
 def _outer(delta):
     return delta[..., :, None] * delta[..., None, :]
