@@ -270,10 +270,9 @@ class BaseEMMixture(BaseDeepMixture):
     def _e_step(self, X, ctx, reg_covar):
         """The statistics of all the rows under the current model."""
         params = self._params
-        means = params["means"]
         em_pass = G.MixturePass(
-            self.covariance_type, self._mixture_weights() @ means, self.n_components,
-            means=means, precisions_cholesky=params["precisions_cholesky"],
+            self.covariance_type, _data_center(X, ctx.partition), self.n_components,
+            means=params["means"], precisions_cholesky=params["precisions_cholesky"],
             log_offsets=self._log_prob_offsets(), entropy=self._objective_uses_entropy,
         )
         return self._statistics(X, ctx, em_pass, reg_covar)
@@ -397,13 +396,18 @@ def check_positive_definite(matrix, covariance_type):
 
 # ----------------------------------------------------------------- helpers
 def _data_center(X, partition):
-    """Mean of the first 4096 rows of all the shards: a point near the data."""
-    n_head = min(partition.n_total, 4096)
+    """Mean of at most 4096 rows spread evenly over the data (global rows 0, s,
+    2s, ... of all the shards): a point near the data, the center of the EM
+    passes. It is the same at every iteration, so that a converged fit's
+    features and statistics are the same from one iteration to the next (a
+    center that moved with the parameters would keep them moving at the
+    rounding level)."""
+    step = max(1, partition.n_total // 4096)
+    first = -partition.offset % step  # local index of the first sampled global row
+    rows = X[first::step] if first < X.shape[0] else X[:0]
     if not partition.active:
-        return X[:n_head].mean(0)
-    local_head = max(0, min(X.shape[0], n_head - partition.offset))
-    center = X[:local_head].sum(0) if local_head else X[:1].sum(0) * 0
-    return partition.sum(center) / n_head
+        return rows.mean(0)
+    return partition.sum(rows.sum(0)) / -(-partition.n_total // step)
 
 
 def _draw_seed(generator):
