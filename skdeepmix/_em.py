@@ -16,8 +16,8 @@ M-step and the objective.
   with an exactly centred second pass only when the first one lost too many
   digits, and no host read per chunk), so that memory is bounded by
   ``chunk_size``; ``history_`` records per iteration whether that second
-  pass was needed (``exact_pass``) and whether a float32 model's pass ran in
-  float64 for precision (``float64_pass``);
+  pass was needed (``exact_pass``) and how many components the pass computed
+  from differences for precision (``exact_components``);
 * the fitted state: tensors in ``_params`` mirrored by the public fitted
   attributes (``means_``, ...), which may be replaced by the user (a
   ``warm_start`` fit then continues from them);
@@ -82,9 +82,9 @@ class MixtureStatistics:
         ``sum_i w_i sum_k r_ik log r_ik`` (only when the objective uses it).
     exact_pass : bool
         Whether the second moments needed the exactly centred second pass.
-    float64_pass : bool
-        Whether the pass computed in float64 for a float32 model (the
-        expanded quadratic forms would have lost too much).
+    exact_components : int
+        Components whose log-densities and second moments the pass computed
+        from differences (tight components far from the center).
     """
 
     nk: torch.Tensor
@@ -94,7 +94,7 @@ class MixtureStatistics:
     log_prob_sum: torch.Tensor
     resp_log_resp_sum: torch.Tensor
     exact_pass: bool = False
-    float64_pass: bool = False
+    exact_components: int = 0
 
 
 class BaseEMMixture(BaseDeepMixture):
@@ -265,7 +265,7 @@ class BaseEMMixture(BaseDeepMixture):
         stats = self._e_step(X, ctx, self.reg_covar)
         self._m_step(stats)
         return {"objective": self._objective(stats), "exact_pass": stats.exact_pass,
-                "float64_pass": stats.float64_pass}
+                "exact_components": stats.exact_components}
 
     def _e_step(self, X, ctx, reg_covar):
         """The statistics of all the rows under the current model."""
@@ -303,7 +303,7 @@ class BaseEMMixture(BaseDeepMixture):
         stats = em_pass.stats
         return MixtureStatistics(nk, means, covariances, float(stats.weight_sum),
                                  stats.log_prob_sum, stats.resp_log_resp_sum, stats.exact,
-                                 em_pass.dtype != em_pass.input_dtype)
+                                 len(em_pass.exact_components))
 
     # ------------------------------------------------------- state handling
     def _get_state(self):

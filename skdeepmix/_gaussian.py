@@ -301,11 +301,13 @@ class SufficientStatistics:
     Sums are kept relative to reference points so that no large cancelling
     terms appear: first moments around ``center`` (a point near the data, e.g.
     the current mixture mean) and, for 'full', second moments around the
-    per-component ``reference_means`` (the current means). What cancellation
-    remains is measured by :meth:`mixture_parameters`; when it lost too many
-    digits (:meth:`needs_exact_pass`) the second moments are redone exactly
-    centred on the new means (:meth:`add_exact`). :meth:`accumulate` runs
-    both passes.
+    per-component ``reference_means`` (the current means); :meth:`add` centres
+    the 'diag'/'spherical' second moments on ``center`` (a caller that adds
+    its own sums may centre component ``k``'s on ``center + reference[k]``).
+    What cancellation remains is measured by :meth:`mixture_parameters`; when
+    it lost too many digits (:meth:`needs_exact_pass`) the second moments are
+    redone exactly centred on the new means (:meth:`add_exact`).
+    :meth:`accumulate` runs both passes.
 
     Rows may carry weights (``sample_weight``: a row of weight 2 counts as
     two copies of it) and variances (``X_var``: the row is the Gaussian
@@ -323,6 +325,9 @@ class SufficientStatistics:
     weight_sum, log_prob_sum, resp_log_resp_sum : 0-d Tensor
         ``sum_i w_i``, ``sum_i w_i log p(x_i)`` and
         ``sum_i w_i sum_k r_ik log r_ik`` (float64 where the device has it).
+    reference : Tensor of shape (n_components, n_features)
+        Where each component's second moments are centred, relative to
+        ``center`` ('full': ``reference_means - center``; otherwise zeros).
     exact : bool
         Whether the second moments were redone exactly centred.
     """
@@ -332,7 +337,8 @@ class SufficientStatistics:
         zeros = reference_means.new_zeros
         self.covariance_type = covariance_type
         self.center = center
-        self.reference = reference_means - center
+        self.reference = reference_means - center if covariance_type == "full" \
+            else zeros(n_components, n_features)
         self.resp_sum = zeros(n_components)
         self.first = zeros(n_components, n_features)
         self.second = zeros(*_second_moment_shape(covariance_type, n_components, n_features))
@@ -459,7 +465,9 @@ class SufficientStatistics:
     def finalize(self, reg_covar, partition, exact_pass):
         """The parameters once the first pass is added: sums over the
         processes, then, only when the centred sums lost too many digits
-        (:meth:`needs_exact_pass`), ``exact_pass(means)`` (which must
+        (:meth:`needs_exact_pass`) or left a 'full'/'tied' covariance that is
+        not positive definite (a near-singular one, e.g. of a component
+        collapsing onto a few rows), ``exact_pass(means)`` (which must
         :meth:`add_exact` every row around the new ``means``).
 
         Parameters
@@ -475,7 +483,8 @@ class SufficientStatistics:
         """
         self.reduce(partition)
         nk, means, covariances, loss = self.mixture_parameters(reg_covar)
-        if self.needs_exact_pass(loss):
+        if self.needs_exact_pass(loss) or not self.exact and not _positive_definite(
+                covariances, self.covariance_type):  # rounding broke a near-singular one
             self.second.zero_()
             self.exact = True  # also on a process without rows
             exact_pass(means)
@@ -518,7 +527,7 @@ class SufficientStatistics:
             raw_diag, cov_diag = torch.diagonal(raw), torch.diagonal(cov)
         else:
             raw = self.second / nk[:, None]
-            cov = raw if exact else raw - means_c.square()
+            cov = raw if exact else raw - (means_c - self.reference).square()
             raw_diag, cov_diag = raw, cov
             if self.covariance_type == "spherical":  # what the variance keeps
                 raw_diag, cov_diag = raw.mean(1), cov.mean(1)
@@ -543,8 +552,8 @@ class SufficientStatistics:
 _N_QUADRATIC = {"full": lambda d: d * (d + 1) // 2, "tied": lambda d: d,
                 "diag": lambda d: d, "spherical": lambda d: 1}
 
-#: rounding error (nats) of the log-densities above which a pass computes in
-#: float64 (see :class:`MixturePass`)
+#: rounding error (nats) of an expanded log-density above which a component
+#: is computed from differences (see :class:`MixturePass`)
 EXPANSION_TOLERANCE = 1e-3
 
 
@@ -559,7 +568,7 @@ class MixturePass:
     * 'full': features ``[z_i z_j (i <= j), 1, z]``, in which
       ``log N(x; mu_k, Lambda_k^-1) = -½ zᵀ Lambda_k z + zᵀ Lambda_k a_k
       - ½ a_kᵀ Lambda_k a_k + const`` (``a_k = mu_k - center``) is linear, and
-      ``featuresᵀ resp`` holds the counts, first and (symmetric) second
+      ``resp @ features`` holds the counts, first and (symmetric) second
       moments at once. The products are formed per shift ``s``,
       ``z_i z_(i+s mod d)``, in one broadcast operation;
     * 'diag': ``[z², 1, z]``; 'spherical': ``[|z|², 1, z]``;
@@ -574,20 +583,24 @@ class MixturePass:
     raised to that floor, a change below the float's resolution. Nothing is
     read back to the host per chunk.
 
-    Precision. The expanded quadratic forms round to about ``eps`` times the
-    size of their terms, ``eps |a_k|ᵀ|Lambda_k||a_k|`` for the rows of
-    component ``k``; when that exceeds :data:`EXPANSION_TOLERANCE` nats (tight
-    components far from the center, in float32), the pass computes in
-    float64 (where the device has it) and returns the parameters in the
-    input's dtype. The second moments are centred on ``center``;
-    :meth:`finalize` measures what that lost and, when it lost more than half
-    the digits, redoes them exactly centred on the new means (a second pass).
+    Precision. Expanded around ``center``, the log-density of component ``k``
+    rounds to about ``eps (|a_k|ᵀ|Lambda_k||a_k| + d)`` nats, and its second
+    moments cancel ``max_j (a_kj² + Sigma_k,jj) / Sigma_k,jj`` (the
+    squared distance to the center in units of the component's width). The
+    components for which the first exceeds :data:`EXPANSION_TOLERANCE` or the
+    second ``1 / (2 sqrt(eps))`` (tight components far from the center: in
+    float64 only degenerate ones, at ``reg_covar``) are computed from the
+    differences ``x - mu_k`` instead: their log-densities, and their second
+    moments centred on ``mu_k`` ('full', 'diag', 'spherical'). The others'
+    second moments are centred on ``center``; :meth:`finalize` measures what
+    that lost and, when it lost more than half the digits, redoes them
+    exactly centred on the new means (a second pass).
 
     Parameters
     ----------
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     center : Tensor of shape (n_features,)
-        A point near the data (e.g. the mixture mean).
+        A point near the data.
     n_components : int
     means : Tensor of shape (n_components, n_features), optional
         The model of the E-step; without it :meth:`add` takes the
@@ -602,10 +615,10 @@ class MixturePass:
 
     Attributes
     ----------
-    dtype : torch.dtype
-        The dtype of the computation (float64 where the input's lost too much).
+    exact_components : list of int
+        The components computed from differences.
     stats : SufficientStatistics
-        The sums (in ``dtype``), complete after :meth:`finalize`.
+        The sums, complete after :meth:`finalize`.
     """
 
     def __init__(self, covariance_type, center, n_components, *, means=None,
@@ -613,18 +626,17 @@ class MixturePass:
         d = center.shape[0]
         self.covariance_type = covariance_type
         self.entropy = entropy
-        self.input_dtype = self.dtype = center.dtype
-        if means is not None and center.dtype != _sum_dtype(center) and _expansion_error(
-            means - center, precisions_cholesky, covariance_type
-        ) > EXPANSION_TOLERANCE:
-            self.dtype = _sum_dtype(center)
-            wide = lambda t: t.to(self.dtype)  # noqa: E731
-            center, means, precisions_cholesky, log_offsets = map(
-                wide, (center, means, precisions_cholesky, log_offsets))
         self.center, self.means, self.precisions_cholesky = center, means, precisions_cholesky
         self.log_offsets = log_offsets
+        self.exact_components = [] if means is None else _imprecise_components(
+            means - center, precisions_cholesky, covariance_type)
         self.stats = SufficientStatistics(covariance_type, center.expand(n_components, d),
                                           center)
+        if self.exact_components and covariance_type != "tied":
+            exact = self.exact_components
+            self.stats.reference[exact] = (means - center)[exact]
+            # near-singular (collapsing) components need their sums in float64
+            self._exact_second = self.stats.second[exact].to(self.stats.weight_sum.dtype)
         self._n_rows = 0
         # feature columns: [quadratic (y for 'tied'), 1, z] (+ a copy of z for 'full')
         self._ones_column = _N_QUADRATIC[covariance_type](d)
@@ -636,6 +648,8 @@ class MixturePass:
         if covariance_type == "full":
             self._pairs = _circulant_pairs(d, center.device)
         if means is not None:
+            d_log = -0.5 * d * LOG_2PI + log_det_cholesky(precisions_cholesky, covariance_type, d)
+            self._constants = d_log + log_offsets  # log p(x, k) at x = mu_k
             self._coefficients = self._log_prob_coefficients()
 
     @staticmethod
@@ -672,12 +686,15 @@ class MixturePass:
             torch.mm(z, self.precisions_cholesky, out=buffer[:, :d])
         return buffer[:, :self._n_features]
 
+    def _centred(self, features, k):
+        """``x - mu_k`` of the rows, shape (n, d)."""
+        z = features[:, self._ones_column + 1:]
+        return z - (self.means[k] - self.center)
+
     def _log_prob_coefficients(self):
         """(n_components, columns): log-densities = ``coefficients @ featuresᵀ``."""
         P, kind = self.precisions_cholesky, self.covariance_type
-        a = self.means - self.center
-        d = a.shape[1]
-        const = -0.5 * d * LOG_2PI + log_det_cholesky(P, kind, d) + self.log_offsets
+        a, const = self.means - self.center, self._constants
         if kind == "full":
             precision = P @ P.transpose(-1, -2)
             i, j = self._pairs
@@ -695,6 +712,21 @@ class MixturePass:
         const = const - 0.5 * (a.square() * precision).sum(1)
         return torch.cat([quadratic, const[:, None], a * precision], 1)
 
+    def _exact_log_prob(self, features, k):
+        """``log p(x, k)`` of the rows from the differences ``x - mu_k``, shape (n,)."""
+        centred = self._centred(features, k)
+        P, kind = self.precisions_cholesky, self.covariance_type
+        if kind in ("full", "tied"):
+            mahalanobis = (centred @ (P[k] if kind == "full" else P)).square().sum(1)
+        elif kind == "diag":
+            mahalanobis = centred.square() @ P[k].square()
+        else:
+            mahalanobis = centred.square().sum(1) * P[k].square()
+        log_prob = self._constants[k] - 0.5 * mahalanobis
+        if kind == "tied":  # the rows' common term is added back to log p(x)
+            log_prob += 0.5 * features[:, :centred.shape[1]].square().sum(1)
+        return log_prob
+
     # ------------------------------------------------------------- E-step
     def _responsibilities(self, features, entropy=False):
         """``(resp, log p(x), sum_k r_k log r_k or None)`` of the rows of
@@ -704,7 +736,9 @@ class MixturePass:
             log_prob = self._coefficients @ features[:, :d + 1].T
         else:
             log_prob = self._coefficients @ features.T
-        floor = math.log(torch.finfo(self.dtype).tiny) + math.log(log_prob.shape[0]) + 1.0
+        for k in self.exact_components:
+            log_prob[k] = self._exact_log_prob(features, k)
+        floor = math.log(torch.finfo(log_prob.dtype).tiny) + math.log(log_prob.shape[0]) + 1.0
         peak = log_prob.amax(0)
         shifted = log_prob.sub_(peak).clamp_(min=floor)
         resp = torch.exp(shifted) if entropy else shifted.exp_()
@@ -720,7 +754,7 @@ class MixturePass:
 
     def responsibilities(self, X):
         """Responsibilities of the rows ``X``, shape (n, n_components)."""
-        return self._responsibilities(self._features(X.to(self.dtype)))[0].T
+        return self._responsibilities(self._features(X))[0].T
 
     # --------------------------------------------------------- statistics
     def add(self, X, resp=None, sample_weight=None):
@@ -735,9 +769,7 @@ class MixturePass:
         sample_weight : Tensor of shape (n,), optional
         """
         stats, wide = self.stats, self.stats.weight_sum.dtype
-        if sample_weight is not None:
-            sample_weight = sample_weight.to(self.dtype)
-        features = self._features(X.to(self.dtype))
+        features = self._features(X)
         if resp is None:
             resp, log_prob_norm, entropy = self._responsibilities(features, self.entropy)
             if self.entropy:
@@ -746,16 +778,25 @@ class MixturePass:
             stats.log_prob_sum += log_prob_norm.sum(dtype=wide) \
                 if sample_weight is None else (sample_weight @ log_prob_norm).to(wide)
         else:
-            resp = resp.T.to(self.dtype)
+            resp = resp.T
         if sample_weight is None:
             self._n_rows += X.shape[0]
         else:
             resp = resp * sample_weight
             stats.weight_sum += sample_weight.sum(dtype=wide)
-        if self.covariance_type == "tied":
+        kind = self.covariance_type
+        if kind == "tied":
             z = features[:, self._ones_column + 1:]
             weighted = z if sample_weight is None else z * sample_weight[:, None]
             stats.second.addmm_(weighted.T, z)
+        else:  # second moments of the exact components around their means
+            for index, k in enumerate(self.exact_components):
+                centred = self._centred(features, k).to(wide)
+                weighted = resp[k].to(wide)
+                if kind == "full":
+                    self._exact_second[index].addmm_((centred * weighted[:, None]).T, centred)
+                else:
+                    self._exact_second[index] += weighted @ centred.square()
         self._sums.addmm_(resp, features[:, self._sum_columns])
 
     def finalize(self, reg_covar, partition=None, exact_rows=None):
@@ -774,8 +815,7 @@ class MixturePass:
         Returns
         -------
         nk, means, covariances : Tensor
-            As :meth:`SufficientStatistics.mixture_parameters`, in the
-            input's dtype.
+            As :meth:`SufficientStatistics.mixture_parameters`.
         """
         stats, sums = self.stats, self._sums
         stats.weight_sum += self._n_rows
@@ -790,18 +830,17 @@ class MixturePass:
             stats.second[:, j, i] = quadratic
         elif kind == "diag":
             stats.second += quadratic
-        elif kind == "spherical":
-            stats.second += quadratic / d  # each feature: the mean of |z|² / d
+        elif kind == "spherical":  # each feature: the mean of |z|² / d
+            stats.second += quadratic / d
+        if self.exact_components and kind != "tied":
+            stats.second[self.exact_components] = self._exact_second.to(stats.second.dtype)
 
         def exact_pass(means):
             for X, resp, sample_weight in exact_rows():
-                X = X.to(self.dtype)
-                resp = self.responsibilities(X) if resp is None else resp.to(self.dtype)
-                stats.add_exact(X, resp, means, sample_weight=None if sample_weight is None
-                                else sample_weight.to(self.dtype))
+                resp = self.responsibilities(X) if resp is None else resp
+                stats.add_exact(X, resp, means, sample_weight=sample_weight)
 
-        return tuple(t.to(self.input_dtype) for t in stats.finalize(
-            reg_covar, partition, exact_pass))
+        return stats.finalize(reg_covar, partition, exact_pass)
 
 
 def _circulant_pairs(n_features, device):
@@ -816,19 +855,37 @@ def _circulant_pairs(n_features, device):
     return i, (i + shift) % d
 
 
-def _expansion_error(offsets, precisions_cholesky, covariance_type):
-    """Rounding error (nats) of the expanded quadratic forms of
-    :class:`MixturePass`: about ``eps (|a_k|ᵀ |Lambda_k| |a_k| + d)`` at its largest."""
-    a = offsets.abs()
-    precision = precisions_from_cholesky(precisions_cholesky, covariance_type).abs()
+def _imprecise_components(offsets, precisions_cholesky, covariance_type):
+    """The components that :class:`MixturePass` computes from differences:
+    those whose expanded log-density would round to more than
+    :data:`EXPANSION_TOLERANCE` nats, ``eps (|a_k|ᵀ|Lambda_k||a_k| + d)``, or
+    whose second moments around the center would cancel more than
+    ``1 / (2 sqrt(eps))``, ``max_j (a_kj² + Sigma_kjj) / Sigma_kjj``."""
+    eps = torch.finfo(offsets.dtype).eps
+    a, d = offsets.abs(), offsets.shape[1]
+    precision = precisions_from_cholesky(precisions_cholesky, covariance_type)
+    variances = covariances_from_cholesky(precisions_cholesky, covariance_type)
     if covariance_type == "full":
-        size = torch.einsum("kd,kde,ke->k", a, precision, a)
+        size = torch.einsum("kd,kde,ke->k", a, precision.abs(), a)
+        variances = torch.diagonal(variances, dim1=1, dim2=2)
     elif covariance_type == "tied":
-        size = torch.einsum("kd,de,ke->k", a, precision, a)
+        size = torch.einsum("kd,de,ke->k", a, precision.abs(), a)
+        variances = torch.diagonal(variances)
     else:
-        size = (a.square() * (precision if covariance_type == "diag"
-                              else precision[:, None])).sum(1)
-    return torch.finfo(offsets.dtype).eps * (float(size.max()) + offsets.shape[1])
+        if covariance_type == "spherical":
+            precision, variances = precision[:, None], variances[:, None]
+        size = (a.square() * precision).sum(1)
+    cancellation = (a.square() / variances).amax(1) + 1.0
+    imprecise = (eps * (size + d) > EXPANSION_TOLERANCE) | (
+        cancellation > 0.5 / math.sqrt(eps))
+    return torch.nonzero(imprecise).flatten().tolist()
+
+def _positive_definite(covariances, covariance_type):
+    """Whether the Cholesky factorisation of every 'full'/'tied' covariance
+    succeeds (True for 'diag'/'spherical', whose signs the loss check sees)."""
+    if covariance_type not in ("full", "tied"):
+        return True
+    return not bool((torch.linalg.cholesky_ex(covariances).info != 0).any())
 
 
 def _outer(delta):

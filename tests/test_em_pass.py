@@ -14,15 +14,16 @@ COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 N, D, K = 3000, 5, 4
 
 
-def _data(shift=0.0, spread=1.0, seed=0):
-    """Rows from K Gaussians with per-feature scales, and a model near them."""
+def _data(shift=0.0, spread=1.0, seed=0, error=0.3):
+    """Rows from K Gaussians with per-feature scales, and a model near them
+    (means off by about ``error``)."""
     generator = torch.Generator().manual_seed(seed)
     options = dict(generator=generator, dtype=torch.float64)
     centers = 4.0 * torch.randn(K, D, **options)
     labels = torch.randint(K, (N,), generator=generator)
     scales = 0.2 + torch.rand(K, D, **options)
     X = centers[labels] + spread * scales[labels] * torch.randn(N, D, **options) + shift
-    means = centers + shift + 0.3 * torch.randn(K, D, **options)
+    means = centers + shift + error * torch.randn(K, D, **options)
     weights = torch.rand(K, **options) + 0.5
     sample_weight = 2.0 * torch.rand(N, **options)
     return X, means, weights / weights.sum(), sample_weight
@@ -37,7 +38,15 @@ def _covariances(covariance_type, variance):
 
 def _reference(X, means, precisions_cholesky, covariance_type, log_weights, sample_weight):
     """nk, means, covariances, sum w log p(x), sum w r log r: direct float64 sums."""
-    log_prob = G.log_gaussian_prob(X, means, precisions_cholesky, covariance_type) + log_weights
+    if covariance_type in ("full", "tied"):  # whitened differences
+        log_prob = G.log_gaussian_prob(X, means, precisions_cholesky, covariance_type)
+    else:  # differences (log_gaussian_prob expands the squares)
+        precision = precisions_cholesky.square()
+        if covariance_type == "spherical":
+            precision = precision[:, None].expand(K, D)
+        log_prob = (-0.5 * ((X[:, None, :] - means).square() * precision).sum(-1)
+                    + 0.5 * precision.log().sum(1) - 0.5 * D * G.LOG_2PI)
+    log_prob = log_prob + log_weights
     norm = torch.logsumexp(log_prob, 1)
     resp = (log_prob - norm[:, None]).exp()
     weighted = resp * sample_weight[:, None]
@@ -93,24 +102,36 @@ def test_pass_matches_direct_sums(covariance_type, dtype):
     reference = _reference(X, means, chol, covariance_type, weights.log(), sample_weight)
     em_pass, result = _run_pass(X, means, chol, covariance_type, weights.log(), sample_weight,
                                 dtype)
-    assert em_pass.dtype == dtype  # the expanded form is precise enough here
+    assert em_pass.exact_components == []  # the expansion is precise enough here
     assert result[2].dtype == dtype
     _assert_matches(result, reference, 1e-10 if dtype == torch.float64 else 2e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_tight_components_far_from_the_center_run_in_float64(covariance_type):
-    # a float32 expansion around the center would lose ~eps |a|^2 / var nats
-    X, means, weights, sample_weight = _data(shift=1e4, spread=0.01)
-    chol = G.precision_cholesky_from_covariances(_covariances(covariance_type, 1e-4),
-                                                 covariance_type)
-    as32 = lambda t: t.to(torch.float32).double()  # noqa: E731  (what the pass sees)
-    reference = _reference(as32(X), as32(means), as32(chol), covariance_type,
-                           as32(weights).log(), as32(sample_weight))
+def test_tight_components_far_from_the_center_are_computed_exactly(covariance_type, dtype):
+    # expanded around the center, component k would lose ~eps |a_k|^2 / var
+    # nats and its second moments would cancel |a_k|^2 / var: in float32 the
+    # tight ones, in float64 those collapsed to about reg_covar
+    # (float32 cannot hold means near 1e4 to a fraction of a 0.01 spread)
+    spread, shift = (1e-2, 0.0) if dtype == torch.float32 else (1e-4, 1e4)
+    X, means, weights, sample_weight = _data(shift=shift, spread=spread, error=spread / 10)
+    variance = spread**2
+    covariances = _covariances(covariance_type, 1.0)
+    tight = [1, 3]
+    if covariance_type == "tied":
+        covariances, tight = covariances * variance, list(range(K))
+    else:
+        covariances[tight] *= variance
+    chol = G.precision_cholesky_from_covariances(covariances, covariance_type)
+    cast = lambda t: t.to(dtype).double()  # noqa: E731  (what the pass sees)
+    reference = _reference(cast(X), cast(means), cast(chol), covariance_type,
+                           cast(weights).log(), cast(sample_weight))
     em_pass, result = _run_pass(X, means, chol, covariance_type, weights.log(), sample_weight,
-                                torch.float32)
-    assert em_pass.dtype == torch.float64 and result[2].dtype == torch.float32
-    _assert_matches(result, reference, 1e-5)
+                                dtype)
+    assert em_pass.exact_components == tight
+    assert result[2].dtype == dtype
+    _assert_matches(result, reference, 1e-10 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
@@ -124,7 +145,7 @@ def test_exact_second_pass_when_the_centred_sums_lose_too_much(covariance_type):
                            weights.log(), sample_weight)
     em_pass, result = _run_pass(X, means, chol, covariance_type, weights.log(), sample_weight,
                                 torch.float32)
-    assert em_pass.dtype == torch.float32 and em_pass.stats.exact
+    assert em_pass.exact_components == [] and em_pass.stats.exact
     _assert_matches(result[:3], reference[:3], 1e-4)
     variances = result[2].diagonal(dim1=-2, dim2=-1) if covariance_type in ("full", "tied") \
         else result[2]
