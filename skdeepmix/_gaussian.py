@@ -554,7 +554,7 @@ _N_QUADRATIC = {"full": lambda d: d * (d + 1) // 2, "tied": lambda d: d,
 
 #: rounding error (nats) of an expanded log-density above which a component
 #: is computed from differences (see :class:`MixturePass`)
-EXPANSION_TOLERANCE = 1e-3
+EXPANSION_TOLERANCE = 1e-2
 
 
 class MixturePass:
@@ -632,11 +632,19 @@ class MixturePass:
             means - center, precisions_cholesky, covariance_type)
         self.stats = SufficientStatistics(covariance_type, center.expand(n_components, d),
                                           center)
+        self._exact = torch.tensor(self.exact_components, dtype=torch.long,
+                                   device=center.device)
+        # groups of exact components whose (rows, group, d) temporaries fit
+        # in about the feature buffer of a chunk
+        size = max(1, self.n_columns(covariance_type, d) // (3 * d))
+        self._groups = [(slice(start, start + size), self._exact[start:start + size])
+                        for start in range(0, len(self.exact_components), size)]
         if self.exact_components and covariance_type != "tied":
-            exact = self.exact_components
+            exact = self._exact
             self.stats.reference[exact] = (means - center)[exact]
-            # near-singular (collapsing) components need their sums in float64
-            self._exact_second = self.stats.second[exact].to(self.stats.weight_sum.dtype)
+            # summed whitened: the rounding is relative to each direction's
+            # variance, so that a near-singular covariance stays positive definite
+            self._exact_second = self.stats.second[exact].clone()
         self._n_rows = 0
         # feature columns: [quadratic (y for 'tied'), 1, z] (+ a copy of z for 'full')
         self._ones_column = _N_QUADRATIC[covariance_type](d)
@@ -686,10 +694,18 @@ class MixturePass:
             torch.mm(z, self.precisions_cholesky, out=buffer[:, :d])
         return buffer[:, :self._n_features]
 
-    def _centred(self, features, k):
-        """``x - mu_k`` of the rows, shape (n, d)."""
+    def _whitened(self, features, group):
+        """Whitened differences ``(x - mu_k) P_k`` of the rows for the exact
+        components ``group`` (indices), shape (len(group), n, d)."""
         z = features[:, self._ones_column + 1:]
-        return z - (self.means[k] - self.center)
+        centred = z[:, None, :] - (self.means[group] - self.center)  # (n, g, d)
+        P, kind = self.precisions_cholesky, self.covariance_type
+        if kind == "full":
+            return torch.bmm(centred.transpose(0, 1), P[group])
+        if kind == "tied":
+            return (centred @ P).transpose(0, 1)
+        scale = P[group] if kind == "diag" else P[group, None]
+        return (centred * scale).transpose(0, 1)
 
     def _log_prob_coefficients(self):
         """(n_components, columns): log-densities = ``coefficients @ featuresᵀ``."""
@@ -712,20 +728,15 @@ class MixturePass:
         const = const - 0.5 * (a.square() * precision).sum(1)
         return torch.cat([quadratic, const[:, None], a * precision], 1)
 
-    def _exact_log_prob(self, features, k):
-        """``log p(x, k)`` of the rows from the differences ``x - mu_k``, shape (n,)."""
-        centred = self._centred(features, k)
-        P, kind = self.precisions_cholesky, self.covariance_type
-        if kind in ("full", "tied"):
-            mahalanobis = (centred @ (P[k] if kind == "full" else P)).square().sum(1)
-        elif kind == "diag":
-            mahalanobis = centred.square() @ P[k].square()
-        else:
-            mahalanobis = centred.square().sum(1) * P[k].square()
-        log_prob = self._constants[k] - 0.5 * mahalanobis
-        if kind == "tied":  # the rows' common term is added back to log p(x)
-            log_prob += 0.5 * features[:, :centred.shape[1]].square().sum(1)
-        return log_prob
+    def _exact_log_prob(self, features, log_prob):
+        """Set the rows of ``log_prob`` (n_components, n) of the exact
+        components from their whitened differences."""
+        for _, group in self._groups:
+            whitened = self._whitened(features, group)
+            rows = self._constants[group, None] - 0.5 * whitened.square().sum(2)
+            if self.covariance_type == "tied":  # the rows' common term is added back
+                rows += 0.5 * features[:, :whitened.shape[2]].square().sum(1)
+            log_prob[group] = rows
 
     # ------------------------------------------------------------- E-step
     def _responsibilities(self, features, entropy=False):
@@ -736,8 +747,7 @@ class MixturePass:
             log_prob = self._coefficients @ features[:, :d + 1].T
         else:
             log_prob = self._coefficients @ features.T
-        for k in self.exact_components:
-            log_prob[k] = self._exact_log_prob(features, k)
+        self._exact_log_prob(features, log_prob)
         floor = math.log(torch.finfo(log_prob.dtype).tiny) + math.log(log_prob.shape[0]) + 1.0
         peak = log_prob.amax(0)
         shifted = log_prob.sub_(peak).clamp_(min=floor)
@@ -789,15 +799,30 @@ class MixturePass:
             z = features[:, self._ones_column + 1:]
             weighted = z if sample_weight is None else z * sample_weight[:, None]
             stats.second.addmm_(weighted.T, z)
-        else:  # second moments of the exact components around their means
-            for index, k in enumerate(self.exact_components):
-                centred = self._centred(features, k).to(wide)
-                weighted = resp[k].to(wide)
+        else:  # second moments of the exact components around their means, whitened
+            for positions, group in self._groups:
+                whitened, weighted = self._whitened(features, group), resp[group]
+                second = self._exact_second[positions]
                 if kind == "full":
-                    self._exact_second[index].addmm_((centred * weighted[:, None]).T, centred)
+                    second.baddbmm_((whitened * weighted[:, :, None]).transpose(1, 2), whitened)
                 else:
-                    self._exact_second[index] += weighted @ centred.square()
+                    second += torch.bmm(weighted[:, None, :], whitened.square())[:, 0]
         self._sums.addmm_(resp, features[:, self._sum_columns])
+
+    def _unwhitened(self, whitened_second):
+        """Second moments of the exact components from their whitened sums,
+        ``P^-T W P^-1`` ('full') or ``W / P²``, computed in float64 where the
+        device has it."""
+        wide = self.stats.weight_sum.dtype
+        P = self.precisions_cholesky[self._exact].to(wide)
+        W = whitened_second.to(wide)
+        if self.covariance_type == "full":
+            eye = torch.eye(P.shape[-1], dtype=wide, device=P.device).expand_as(P)
+            inverse = torch.linalg.solve_triangular(P, eye, upper=True)  # P^-1
+            second = inverse.transpose(1, 2) @ W @ inverse
+        else:
+            second = W / (P.square() if self.covariance_type == "diag" else P[:, None].square())
+        return second.to(whitened_second.dtype)
 
     def finalize(self, reg_covar, partition=None, exact_rows=None):
         """The M-step's statistics, summed over the processes of ``partition``.
@@ -833,7 +858,7 @@ class MixturePass:
         elif kind == "spherical":  # each feature: the mean of |z|² / d
             stats.second += quadratic / d
         if self.exact_components and kind != "tied":
-            stats.second[self.exact_components] = self._exact_second.to(stats.second.dtype)
+            stats.second[self._exact] = self._unwhitened(self._exact_second)
 
         def exact_pass(means):
             for X, resp, sample_weight in exact_rows():
