@@ -1,25 +1,34 @@
 """Benchmark: skdeepmix.BayesianGaussianMixture beside scikit-learn's.
 
-Workload (issue 11): ``100_000 x 32`` rows from a 16-component mixture,
-``n_components=16``, 'full' and 'diag', float32 and float64, both libraries
-starting from the *same* initial state (scikit-learn's own k-means
-initialisation with ``max_iter=0``, given to both through ``warm_start``).
+Workload (issues 11 and 12): ``make_blobs(100_000, 32, centers=16)``,
+``n_components=16``, 'full' and 'diag'; scikit-learn in float64 (its
+default), ours in float32 and float64. Both libraries start from the *same*
+initial state: scikit-learn's own initialisation (``init_params='kmeans'`` or
+``'random'``, ``max_iter=0``), given to both through ``warm_start``; the
+k-means one also on the data moved far from the origin (``X + 1e4``).
 
 * Time per **marginal** iteration: ``(time of 40 iterations - time of 8) / 32``
   (``tol=0``), so that validation, the priors and the final E-step do not
-  count; ratio = scikit-learn's time / ours, same dtype.
-* The lower bounds after 40 iterations and their relative difference.
+  count; best of ``--repeats`` interleaved runs; speed-up = scikit-learn's
+  time / ours.
+* Our achieved GFLOP/s and GB/s (cost model: ``_em_bench.iteration_cost``)
+  beside the machine's GEMM rates and copy bandwidth measured in the same run.
+* The lower bounds after 40 iterations, their relative differences, and the
+  iterations that needed the exactly centred second pass, and the components
+  the passes computed from differences.
 * Peak memory of a fit in a fresh process, above the resident memory with the
   data loaded (the kernel's high-water mark is reset once the data are
   loaded), for two chunk sizes and two numbers of rows: it follows the chunk
   size, not the number of rows.
 
-Threads: ``--threads`` (default 1) for torch and for numpy's BLAS alike. The
-default run is meant for a busy shared machine; its timings are labelled so.
+Threads: ``--threads`` (default 1) for torch and for numpy's BLAS alike. On a
+shared machine use one thread (and ``--clock cpu``); the tables say how they
+were measured.
 
 Run::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_bayesian_mixture.py   # ~10 min
+    python benchmarks/bench_bayesian_mixture.py --threads 2 --quiet-machine  # ~10 min
+    python benchmarks/bench_bayesian_mixture.py --clock cpu     # shared machine, 1 thread
     python benchmarks/bench_bayesian_mixture.py --quick --out /tmp/b.md  # seconds
 
 Writes ``benchmarks/results/bayesian_mixture.md`` (or ``--out``).
@@ -29,41 +38,39 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import sklearn
 import torch
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.datasets import make_blobs
 from sklearn.mixture import BayesianGaussianMixture as SklearnBayesianGaussianMixture
 
-from skdeepmix import BayesianGaussianMixture
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's skdeepmix
+from _em_bench import (  # noqa: E402
+    fit_seconds, iteration_cost, machine, measure_peaks, relative, table,
+)
+
+from skdeepmix import BayesianGaussianMixture  # noqa: E402
+from skdeepmix._gaussian import MixturePass  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "bayesian_mixture.md"
 STATE = ["weight_concentration_", "mean_precision_", "means_", "degrees_of_freedom_",
          "covariances_", "precisions_cholesky_"]
+#: (init, data) rows of the tables
+CONFIGS = [("kmeans", "near"), ("random", "near"), ("kmeans", "far")]
+FAR = 1e4
 
 
-def make_data(n_samples, n_features, n_components, seed=0):
-    """A Gaussian mixture with random means and per-feature scales."""
-    rng = np.random.RandomState(seed)
-    centers = rng.normal(scale=4.0, size=(n_components, n_features))
-    labels = rng.randint(n_components, size=n_samples)
-    scales = rng.uniform(0.5, 1.5, size=(n_components, n_features))
-    return centers[labels] + rng.normal(size=(n_samples, n_features)) * scales[labels]
-
-
-def initial_state(X, n_components, covariance_type):
-    """scikit-learn's initial state (k-means, then the first M-step)."""
+def initial_state(X, n_components, covariance_type, init):
+    """scikit-learn's initial state (its initialisation, then the first M-step)."""
     start = SklearnBayesianGaussianMixture(n_components=n_components,
                                            covariance_type=covariance_type,
-                                           max_iter=0, random_state=0).fit(X)
+                                           init_params=init, max_iter=0,
+                                           random_state=0).fit(X)
     return {name: getattr(start, name) for name in STATE}
 
 
@@ -73,66 +80,64 @@ def _cast(value, dtype):
     return np.asarray(value, dtype=dtype)
 
 
-def timed_fit(make, X, state, n_iter):
-    """Seconds of ``fit`` for ``n_iter`` iterations from ``state``, and the model."""
-    model = make(n_iter)
+def _warm(model, state, dtype):
+    """``model`` set to continue from ``state`` (``warm_start``)."""
     for name, value in state.items():
-        setattr(model, name, _cast(value, X.dtype))
+        setattr(model, name, _cast(value, dtype))
     model.converged_, model.lower_bound_ = False, -np.inf
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        start = time.perf_counter()
-        model.fit(X)
-        elapsed = time.perf_counter() - start
-    assert model.n_iter_ == n_iter, (model.n_iter_, n_iter)
-    return elapsed, model
+    return model
 
 
-def marginal(make, X, state, short, long, repeats):
-    """Best-of-``repeats`` marginal seconds per iteration and the long run's model."""
-    best, model = np.inf, None
-    for _ in range(repeats):
-        t_short, _ = timed_fit(make, X, state, short)
-        t_long, model = timed_fit(make, X, state, long)
-        best = min(best, (t_long - t_short) / (long - short))
-    return best, model
-
-
-def run_timings(n_samples, n_features, n_components, short, long, repeats):
-    X64 = make_data(n_samples, n_features, n_components)
-    data = {"float64": X64, "float32": X64.astype(np.float32)}
+def run_timings(n_samples, n_features, n_components, short, long, repeats, clock, peaks):
+    X_near, _ = make_blobs(n_samples, n_features, centers=n_components, random_state=0)
     timings, bounds = [], []
-    for covariance_type in ["full", "diag"]:
-        state = initial_state(X64, n_components, covariance_type)
-        common = dict(n_components=n_components, covariance_type=covariance_type, tol=0.0,
-                      warm_start=True)
-        reference = {}
-        for dtype, X in data.items():
-            sk_time, sk = marginal(
-                lambda n: SklearnBayesianGaussianMixture(**common, max_iter=n),
-                X, state, short, long, repeats)
-            ours_time, ours = marginal(
-                lambda n, dt=dtype: BayesianGaussianMixture(**common, max_iter=n, dtype=dt,
-                                                            device="cpu"),
-                X, state, short, long, repeats)
-            reference[dtype] = float(np.ravel(sk.lower_bound_)[0])
-            label = f"{covariance_type}, {dtype}"
-            timings += [
-                {"metric": f"scikit-learn {label}: s per marginal iteration",
-                 "time": sk_time, "ratio": 1.0},
-                {"metric": f"skdeepmix {label}: s per marginal iteration",
-                 "time": ours_time, "ratio": sk_time / ours_time},
-            ]
-            bounds.append({
-                "run": label,
-                "scikit-learn lower_bound_": reference[dtype],
-                "skdeepmix lower_bound_": ours.lower_bound_,
-                "relative difference": abs(ours.lower_bound_ - reference[dtype])
-                / abs(reference[dtype]),
-                "vs scikit-learn float64": abs(ours.lower_bound_ - reference["float64"])
-                / abs(reference["float64"]),
-            })
-            print(timings[-2], timings[-1], bounds[-1], sep="\n", flush=True)
+    for init, where in CONFIGS:
+        X64 = X_near + FAR if where == "far" else X_near
+        data = {"sklearn": X64, "float32": X64.astype(np.float32), "float64": X64}
+        for covariance_type in ["full", "diag"]:
+            state = initial_state(X64, n_components, covariance_type, init)
+            common = dict(n_components=n_components, covariance_type=covariance_type,
+                          tol=0.0, warm_start=True)
+            makers = {
+                "sklearn": lambda n: _warm(SklearnBayesianGaussianMixture(
+                    **common, max_iter=n), state, np.float64),
+                "float32": lambda n: _warm(BayesianGaussianMixture(
+                    **common, max_iter=n, dtype="float32", device="cpu"), state, np.float32),
+                "float64": lambda n: _warm(BayesianGaussianMixture(
+                    **common, max_iter=n, device="cpu"), state, np.float64),
+            }
+            best, models = {name: np.inf for name in makers}, {}
+            for _ in range(repeats):
+                for name, make in makers.items():  # interleaved
+                    t_short, _ = fit_seconds(lambda: make(short), data[name], clock)
+                    t_long, models[name] = fit_seconds(lambda: make(long), data[name], clock)
+                    assert models[name].n_iter_ == long, (name, models[name].n_iter_)
+                    best[name] = min(best[name], (t_long - t_short) / (long - short))
+            row = {"init": init, "data": where, "covariance": covariance_type,
+                   "scikit-learn float64 ms": 1e3 * best["sklearn"]}
+            for dtype in ("float32", "float64"):
+                flops, nbytes = iteration_cost(covariance_type, n_samples, n_features,
+                                               n_components, np.dtype(dtype).itemsize)
+                row[f"ours {dtype} ms"] = 1e3 * best[dtype]
+                row[f"speed-up {dtype}"] = best["sklearn"] / best[dtype]
+                rate = flops / best[dtype] / 1e9
+                row[f"{dtype} GFLOP/s (% of GEMM peak)"] = (
+                    f"{rate:.3g} ({100 * rate / peaks[f'{dtype} GEMM GFLOP/s']:.0f} %)")
+                row[f"{dtype} GB/s"] = nbytes / best[dtype] / 1e9
+            timings.append(row)
+            reference = float(np.ravel(models["sklearn"].lower_bound_)[0])
+            bound = {"init": init, "data": where, "covariance": covariance_type,
+                     "scikit-learn": reference}
+            for dtype in ("float32", "float64"):
+                model = models[dtype]
+                bound[dtype] = model.lower_bound_
+                bound[f"{dtype} relative difference"] = relative(model.lower_bound_, reference)
+                bound[f"{dtype} exact passes"] = int(sum(h["exact_pass"] for h in model.history_))
+            for dtype in ("float32", "float64"):
+                bound[f"{dtype} exact components"] = int(
+                    sum(h["exact_components"] for h in models[dtype].history_))
+            bounds.append(bound)
+            print(row, bound, sep="\n", flush=True)
     return timings, bounds
 
 
@@ -182,36 +187,13 @@ def run_memory(n_features, n_components, rows, chunks, threads):
             out.append({
                 "rows": n_samples, "chunk_size": chunk, "data MiB": data_mib,
                 "peak above data MiB": peak_mib - base_mib,
-                # the largest E-step temporary: chunk x K x d values (float32)
-                "chunk x K x d x 4 bytes, MiB": chunk * n_components * n_features * 4 / 2**20,
+                # the pass's feature buffer (float32), its largest temporary
+                "chunk x pass columns x 4 bytes, MiB": chunk * 4 / 2**20 * (
+                    MixturePass.n_columns("full", n_features)),
                 "fit s (k-means + 3 iterations)": seconds,
             })
             print(out[-1], flush=True)
     return out
-
-
-def _fmt(value):
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _table(rows):
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(row[k]) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _machine(shared):
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores"
-    return text + (", shared (busy)" if shared else "")
 
 
 def main(argv=None):
@@ -219,12 +201,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads for torch and numpy's BLAS alike (default 1)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="best of this many (short, long) pairs")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="best of this many interleaved (short, long) pairs")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall-clock time, or process CPU time (one thread only)")
     parser.add_argument("--quiet-machine", action="store_true",
                         help="do not label the timings as measured on a shared machine")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread only (CPU time adds up the threads)")
     from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
@@ -238,37 +225,61 @@ def main(argv=None):
 
 def _run(args):
     if args.quick:
-        size, short, long = (2000, 4, 3), 2, 4
+        size, short, long, args.repeats = (2000, 4, 3), 2, 4, 1
         memory_rows, memory_chunks = [4000], [256]
     else:
         size, short, long = (100_000, 32, 16), 8, 40
         memory_rows, memory_chunks = [100_000, 400_000], [1024, 16384]
-    timings, bounds = run_timings(*size, short, long, args.repeats)
-    machine = _machine(shared=not args.quiet_machine)
-    for row in timings:
-        row.update({"thread count": args.threads, "machine": machine})
-    memory = run_memory(size[1], size[2], memory_rows, memory_chunks, args.threads)
+    peaks = (measure_peaks(size=512, copy_values=2**22, clock=args.clock) if args.quick
+             else measure_peaks(clock=args.clock))
+    print(peaks, flush=True)
+    timings, bounds = run_timings(*size, short, long, args.repeats, args.clock, peaks)
+    memory = [] if args.no_memory else run_memory(size[1], size[2], memory_rows,
+                                                  memory_chunks, args.threads)
     n, d, K = size
     command = "python benchmarks/bench_bayesian_mixture.py" + " --quick" * args.quick
+    clock = ("process CPU time (one thread)" if args.clock == "cpu" else "wall-clock time")
     text = [
         "# BayesianGaussianMixture benchmark",
         "",
-        f"Generated by `{command}` (`--threads {args.threads}`): torch {torch.__version__}, "
-        f"scikit-learn {sklearn.__version__}, numpy {np.__version__}, CPU only.",
+        f"Generated by `{command} --threads {args.threads} --clock {args.clock}` on "
+        f"{machine(shared=not args.quiet_machine)}: torch {torch.__version__} "
+        f"({args.threads} thread{'s' * (args.threads > 1)}), scikit-learn "
+        f"{sklearn.__version__} (numpy's BLAS limited to the same threads), numpy "
+        f"{np.__version__}, CPU.",
         "",
-        f"Workload: {n} x {d} rows from a {K}-component mixture, `n_components={K}`, "
-        "both libraries starting from scikit-learn's initial state (its k-means, "
-        "`max_iter=0`) through `warm_start`, `tol=0`. Time per marginal iteration = "
-        f"(time of {long} iterations - time of {short}) / {long - short}, best of "
-        f"{args.repeats}; ratio = scikit-learn's time / ours (same dtype).",
+        f"Workload: `make_blobs({n}, {d}, centers={K})`, `n_components={K}`, both "
+        "libraries starting from scikit-learn's initial state (its "
+        "`init_params='kmeans'` / `'random'` initialisation, `max_iter=0`) through "
+        f"`warm_start`, `tol=0`; data `far` = `X + {FAR:g}`. Time per marginal iteration "
+        f"= (time of {long} iterations - time of {short}) / {long - short}, {clock}, "
+        f"best of {args.repeats} interleaved runs; speed-up = scikit-learn's (float64) "
+        "time / ours.",
         "",
     ]
     if not args.quiet_machine:
         text += ["**Measured on a shared, busy machine (other jobs running on its "
                  "cores): the timings are indicative only; rerun on a quiet machine "
-                 "for final numbers.**", ""]
-    text += [_table(timings), "", f"## Lower bounds after {long} iterations", "",
-             _table(bounds), ""]
+                 "(`--threads 2 --quiet-machine`) for final numbers.**", ""]
+    text += [
+        f"Machine peaks measured in the same run, same threads and clock: "
+        + ", ".join(f"{key} {value:.3g}" for key, value in peaks.items()) + ".",
+        "",
+        "GFLOP/s and GB/s: our fused pass's matrix-product flops and a lower bound "
+        "of its memory traffic (`benchmarks/_em_bench.py`), per marginal iteration.",
+        "",
+        table(timings),
+        "",
+        f"## Lower bounds after {long} iterations",
+        "",
+        "`lower_bound_` of the same run; relative difference to scikit-learn's; "
+        "iterations (of the long run) that needed the exactly centred second pass, "
+        "and the components the passes computed from differences (summed over the "
+        "iterations).",
+        "",
+        table(bounds),
+        "",
+    ]
     if memory:
         text += [
             "## Peak memory (fresh process per row; 'full', float32, "
@@ -279,7 +290,7 @@ def _run(args):
             "number of rows. What grows with the rows is the k-means "
             "initialisation's one label and one distance per row (12 bytes per row "
             "in float32: 4.6 MiB at 400000 rows).", "",
-            _table(memory), "",
+            table(memory), "",
         ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(text))

@@ -10,10 +10,14 @@ M-step and the objective.
 * the initial responsibilities (``init_params``): k-means and k-means++ in
   torch (:mod:`skdeepmix._kmeans`, weighted), ``'random'`` and
   ``'random_from_data'``;
-* the chunked E-step and its sufficient statistics
-  (:class:`skdeepmix._gaussian.SufficientStatistics`: weighted, accumulated
-  centred, with an exactly centred second pass only when the first one lost
-  too many digits), so that memory is bounded by ``chunk_size``;
+* the chunked E-step fused with its sufficient statistics
+  (:class:`skdeepmix._gaussian.MixturePass`: matrix products of per-row
+  features with per-component coefficients, weighted, accumulated centred,
+  with an exactly centred second pass only when the first one lost too many
+  digits, and no host read per chunk), so that memory is bounded by
+  ``chunk_size``; ``history_`` records per iteration whether that second
+  pass was needed (``exact_pass``) and how many components the pass computed
+  from differences for precision (``exact_components``);
 * the fitted state: tensors in ``_params`` mirrored by the public fitted
   attributes (``means_``, ...), which may be replaced by the user (a
   ``warm_start`` fit then continues from them);
@@ -21,7 +25,8 @@ M-step and the objective.
 
 The hooks each estimator defines: ``_m_step(stats)`` (the parameters from the
 E-step statistics), ``_objective(stats)`` (evaluated after the M-step),
-``_mixture_weights()`` and ``_estimate_weighted_log_prob(X)``; the class
+``_mixture_weights()`` and ``_log_prob_offsets()`` (``log p(x, k)`` minus the
+Gaussian log-density of component ``k``); the class
 attributes ``_state_names`` (the state tensors, each the fitted attribute of
 the same name plus ``_``) and ``_objective_uses_entropy``.
 
@@ -75,6 +80,11 @@ class MixtureStatistics:
         ``sum_i w_i log p(x_i)`` under the model of the E-step.
     resp_log_resp_sum : 0-d Tensor
         ``sum_i w_i sum_k r_ik log r_ik`` (only when the objective uses it).
+    exact_pass : bool
+        Whether the second moments needed the exactly centred second pass.
+    exact_components : int
+        Components whose log-densities and second moments the pass computed
+        from differences (tight components far from the center).
     """
 
     nk: torch.Tensor
@@ -83,6 +93,8 @@ class MixtureStatistics:
     weight_sum: float
     log_prob_sum: torch.Tensor
     resp_log_resp_sum: torch.Tensor
+    exact_pass: bool = False
+    exact_components: int = 0
 
 
 class BaseEMMixture(BaseDeepMixture):
@@ -166,6 +178,11 @@ class BaseEMMixture(BaseDeepMixture):
     def _mixture_weights(self):
         """The current mixture weights, a tensor of shape (n_components,)."""
 
+    @abstractmethod
+    def _log_prob_offsets(self):
+        """``log p(x, k) - log N(x; means_k, covariances_k)``, shape (n_components,)
+        (the log-weights, or their expectation and the Wishart terms)."""
+
     # ------------------------------------------------------------ checks
     def _check_parameters(self, X, ctx):
         n_samples = self._n_weighted_rows(ctx)
@@ -182,7 +199,17 @@ class BaseEMMixture(BaseDeepMixture):
         return int(ctx.partition.sum_scalar(float((ctx.sample_weight > 0).sum())))
 
     def _work_per_row(self):
-        return self.n_components * (self.n_features_in_ + 2)
+        """Temporaries per row: the EM pass's feature columns and log-densities
+        (:class:`~skdeepmix._gaussian.MixturePass`), and for 'full'/'tied' the
+        (n, K, d) whitened differences of :func:`~skdeepmix._gaussian.log_gaussian_prob`
+        at inference; counted in 4-byte words, so that a chunk takes the same
+        bytes (the same share of the CPU caches, where the pass is fastest)
+        in float64 as in float32."""
+        K, d = self.n_components, self.n_features_in_
+        work = G.MixturePass.n_columns(self.covariance_type, d) + K
+        if self.covariance_type in ("full", "tied"):
+            work = max(work, K * d)
+        return work * self._torch_dtype().itemsize // 4
 
     def _row_chunks(self, n_rows):
         """Row slices of the E-step (one empty slice for an empty shard)."""
@@ -194,8 +221,8 @@ class BaseEMMixture(BaseDeepMixture):
         resp_of_rows = self._initial_responsibilities(X, ctx)
         center = _data_center(X, ctx.partition)
         self._m_step(self._statistics(
-            X, ctx, lambda chunk, rows: (resp_of_rows(rows), None, None),
-            center.expand(self.n_components, -1), center, self.reg_covar,
+            X, ctx, G.MixturePass(self.covariance_type, center, self.n_components),
+            self.reg_covar, resp_of_rows,
         ))
 
     def _initial_responsibilities(self, X, ctx):
@@ -233,47 +260,50 @@ class BaseEMMixture(BaseDeepMixture):
 
     # ------------------------------------------------------------------- EM
     def _fit_iteration(self, X, ctx):
-        """One E-step and M-step; returns the objective."""
+        """One E-step and M-step; returns the objective (and which passes
+        were needed: see :class:`MixtureStatistics`)."""
         stats = self._e_step(X, ctx, self.reg_covar)
         self._m_step(stats)
-        return self._objective(stats)
+        return {"objective": self._objective(stats), "exact_pass": stats.exact_pass,
+                "exact_components": stats.exact_components}
 
     def _e_step(self, X, ctx, reg_covar):
         """The statistics of all the rows under the current model."""
-        means = self._params["means"]
-        center = self._mixture_weights() @ means
-        return self._statistics(X, ctx, self._responsibilities, means, center, reg_covar)
+        params = self._params
+        em_pass = G.MixturePass(
+            self.covariance_type, _data_center(X, ctx.partition), self.n_components,
+            means=params["means"], precisions_cholesky=params["precisions_cholesky"],
+            log_offsets=self._log_prob_offsets(), entropy=self._objective_uses_entropy,
+        )
+        return self._statistics(X, ctx, em_pass, reg_covar)
 
-    def _responsibilities(self, chunk, rows):
-        """``(resp, log p(x), log resp or None)`` of a chunk under the model."""
-        weighted = self._estimate_weighted_log_prob(chunk)
-        log_prob_norm, resp = G.normalize_log_prob(weighted)
-        log_resp = weighted - log_prob_norm[:, None] if self._objective_uses_entropy else None
-        return resp, log_prob_norm, log_resp
+    def _estimate_weighted_log_prob(self, X):
+        params = self._params
+        center = self._mixture_weights() @ params["means"]
+        log_prob = G.log_gaussian_prob(X, params["means"], params["precisions_cholesky"],
+                                       self.covariance_type, center)
+        return log_prob + self._log_prob_offsets()
 
-    def _statistics(self, X, ctx, responsibilities, reference_means, center, reg_covar):
-        """Weighted sufficient statistics over chunks of rows, all processes summed.
-
-        ``responsibilities(chunk, rows)`` returns ``(resp, log_prob_norm,
-        log_resp)`` (the last two may be None).
-        """
+    def _statistics(self, X, ctx, em_pass, reg_covar, resp_of_rows=None):
+        """Weighted sufficient statistics over chunks of rows, all processes
+        summed: one :class:`~skdeepmix._gaussian.MixturePass` (its E-step, or
+        the responsibilities ``resp_of_rows(rows)``), then an exactly
+        centred second pass only when the first lost too many digits.
+        Nothing is read back to the host per chunk."""
         weights = ctx.sample_weight
-        chunks = self._row_chunks(X.shape[0])
 
-        def batches(exact):
-            for rows in chunks:
-                chunk = X[rows]
-                resp, log_prob_norm, log_resp = responsibilities(chunk, rows)
-                batch = {"X": chunk, "resp": resp,
-                         "sample_weight": None if weights is None else weights[rows]}
-                if not exact:
-                    batch.update(log_prob_norm=log_prob_norm, log_resp=log_resp)
-                yield batch
+        def rows_again():
+            for rows in self._row_chunks(X.shape[0]):
+                yield (X[rows], None if resp_of_rows is None else resp_of_rows(rows),
+                       None if weights is None else weights[rows])
 
-        stats = G.SufficientStatistics(self.covariance_type, reference_means, center)
-        nk, means, covariances = stats.accumulate(batches, reg_covar, ctx.partition)
+        for chunk, resp, chunk_weights in rows_again():
+            em_pass.add(chunk, resp, chunk_weights)
+        nk, means, covariances = em_pass.finalize(reg_covar, ctx.partition, rows_again)
+        stats = em_pass.stats
         return MixtureStatistics(nk, means, covariances, float(stats.weight_sum),
-                                 stats.log_prob_sum, stats.resp_log_resp_sum)
+                                 stats.log_prob_sum, stats.resp_log_resp_sum, stats.exact,
+                                 len(em_pass.exact_components))
 
     # ------------------------------------------------------- state handling
     def _get_state(self):
@@ -366,13 +396,18 @@ def check_positive_definite(matrix, covariance_type):
 
 # ----------------------------------------------------------------- helpers
 def _data_center(X, partition):
-    """Mean of the first 4096 rows of all the shards: a point near the data."""
-    n_head = min(partition.n_total, 4096)
+    """Mean of at most 4096 rows spread evenly over the data (global rows 0, s,
+    2s, ... of all the shards): a point near the data, the center of the EM
+    passes. It is the same at every iteration, so that a converged fit's
+    features and statistics are the same from one iteration to the next (a
+    center that moved with the parameters would keep them moving at the
+    rounding level)."""
+    step = max(1, partition.n_total // 4096)
+    first = -partition.offset % step  # local index of the first sampled global row
+    rows = X[first::step] if first < X.shape[0] else X[:0]
     if not partition.active:
-        return X[:n_head].mean(0)
-    local_head = max(0, min(X.shape[0], n_head - partition.offset))
-    center = X[:local_head].sum(0) if local_head else X[:1].sum(0) * 0
-    return partition.sum(center) / n_head
+        return rows.mean(0)
+    return partition.sum(rows.sum(0)) / -(-partition.n_total // step)
 
 
 def _draw_seed(generator):

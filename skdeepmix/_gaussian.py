@@ -32,6 +32,8 @@ __all__ = [
     "normalize_log_prob",
     "sample_gaussian",
     "SufficientStatistics",
+    "MixturePass",
+    "EXPANSION_TOLERANCE",
     "blend_moments",
     "moments_from_parameters",
     "parameters_from_moments",
@@ -42,6 +44,7 @@ __all__ = [
     "mixture_weights",
     "normal_wishart_posterior",
     "expected_log_gaussian_prob",
+    "expected_log_gaussian_offsets",
     "log_wishart_norm",
     "log_dirichlet_norm",
     "variational_lower_bound",
@@ -306,11 +309,13 @@ class SufficientStatistics:
     Sums are kept relative to reference points so that no large cancelling
     terms appear: first moments around ``center`` (a point near the data, e.g.
     the current mixture mean) and, for 'full', second moments around the
-    per-component ``reference_means`` (the current means). What cancellation
-    remains is measured by :meth:`mixture_parameters`; when it lost too many
-    digits (:meth:`needs_exact_pass`) the second moments are redone exactly
-    centred on the new means (:meth:`add_exact`). :meth:`accumulate` runs
-    both passes.
+    per-component ``reference_means`` (the current means); :meth:`add` centres
+    the 'diag'/'spherical' second moments on ``center`` (a caller that adds
+    its own sums may centre component ``k``'s on ``center + reference[k]``).
+    What cancellation remains is measured by :meth:`mixture_parameters`; when
+    it lost too many digits (:meth:`needs_exact_pass`) the second moments are
+    redone exactly centred on the new means (:meth:`add_exact`).
+    :meth:`accumulate` runs both passes.
 
     Rows may carry weights (``sample_weight``: a row of weight 2 counts as
     two copies of it) and variances (``X_var``: the row is the Gaussian
@@ -328,6 +333,11 @@ class SufficientStatistics:
     weight_sum, log_prob_sum, resp_log_resp_sum : 0-d Tensor
         ``sum_i w_i``, ``sum_i w_i log p(x_i)`` and
         ``sum_i w_i sum_k r_ik log r_ik`` (float64 where the device has it).
+    reference : Tensor of shape (n_components, n_features)
+        Where each component's second moments are centred, relative to
+        ``center`` ('full': ``reference_means - center``; otherwise zeros).
+    exact : bool
+        Whether the second moments were redone exactly centred.
     """
 
     def __init__(self, covariance_type, reference_means, center):
@@ -335,7 +345,8 @@ class SufficientStatistics:
         zeros = reference_means.new_zeros
         self.covariance_type = covariance_type
         self.center = center
-        self.reference = reference_means - center
+        self.reference = reference_means - center if covariance_type == "full" \
+            else zeros(n_components, n_features)
         self.resp_sum = zeros(n_components)
         self.first = zeros(n_components, n_features)
         self.second = zeros(*_second_moment_shape(covariance_type, n_components, n_features))
@@ -343,7 +354,7 @@ class SufficientStatistics:
         self.weight_sum = torch.zeros((), **scalar)
         self.log_prob_sum = torch.zeros((), **scalar)
         self.resp_log_resp_sum = torch.zeros((), **scalar)
-        self._exact = False
+        self.exact = False
 
     def add(self, X, resp, *, sample_weight=None, X_var=None, log_prob_norm=None,
             log_resp=None):
@@ -452,13 +463,39 @@ class SufficientStatistics:
         """
         for batch in batches(False):
             self.add(**batch)
-        self.reduce(partition)
-        nk, means, covariances, loss = self.mixture_parameters(reg_covar)
-        if self.needs_exact_pass(loss):
-            self.second.zero_()
-            self._exact = True  # also on a process without rows
+
+        def exact_pass(means):
             for batch in batches(True):
                 self.add_exact(means=means, **batch)
+
+        return self.finalize(reg_covar, partition, exact_pass)
+
+    def finalize(self, reg_covar, partition, exact_pass):
+        """The parameters once the first pass is added: sums over the
+        processes, then, only when the centred sums lost too many digits
+        (:meth:`needs_exact_pass`) or left a 'full'/'tied' covariance that is
+        not positive definite (a near-singular one, e.g. of a component
+        collapsing onto a few rows), ``exact_pass(means)`` (which must
+        :meth:`add_exact` every row around the new ``means``).
+
+        Parameters
+        ----------
+        reg_covar : float
+        partition : RowPartition or None
+        exact_pass : callable
+
+        Returns
+        -------
+        nk, means, covariances : Tensor
+            As :meth:`mixture_parameters`.
+        """
+        self.reduce(partition)
+        nk, means, covariances, loss = self.mixture_parameters(reg_covar)
+        if self.needs_exact_pass(loss) or not self.exact and not _positive_definite(
+                covariances, self.covariance_type):  # rounding broke a near-singular one
+            self.second.zero_()
+            self.exact = True  # also on a process without rows
+            exact_pass(means)
             self.reduce(partition, second_only=True)
             nk, means, covariances, _ = self.mixture_parameters(reg_covar)
         return nk, means, covariances
@@ -485,7 +522,7 @@ class SufficientStatistics:
         nk = self.resp_sum + 10 * eps
         means_c = self.first / nk[:, None]
         n_features = means_c.shape[1]
-        exact = self._exact
+        exact = self.exact
         if self.covariance_type == "full":
             raw = self.second / nk[:, None, None]
             delta = means_c - self.reference
@@ -498,8 +535,10 @@ class SufficientStatistics:
             raw_diag, cov_diag = torch.diagonal(raw), torch.diagonal(cov)
         else:
             raw = self.second / nk[:, None]
-            cov = raw if exact else raw - means_c.square()
+            cov = raw if exact else raw - (means_c - self.reference).square()
             raw_diag, cov_diag = raw, cov
+            if self.covariance_type == "spherical":  # what the variance keeps
+                raw_diag, cov_diag = raw.mean(1), cov.mean(1)
         # rounding error of the difference ~ eps * raw, relative to what is kept
         floor = max(float(reg_covar), torch.finfo(raw.dtype).tiny)
         loss_of_precision = float((raw_diag / (cov_diag.clamp_min(0.0) + floor)).max())
@@ -514,7 +553,372 @@ class SufficientStatistics:
     def needs_exact_pass(self, loss_of_precision):
         """Whether the cancellation lost more than half the digits."""
         eps = torch.finfo(self.first.dtype).eps
-        return not self._exact and not (loss_of_precision < 1.0 / math.sqrt(eps))
+        return not self.exact and not (loss_of_precision < 1.0 / math.sqrt(eps))
+
+
+#: quadratic feature columns of a MixturePass, by covariance type
+_N_QUADRATIC = {"full": lambda d: d * (d + 1) // 2, "tied": lambda d: d,
+                "diag": lambda d: d, "spherical": lambda d: 1}
+
+#: rounding error (nats) of an expanded log-density above which a component
+#: is computed from differences (see :class:`MixturePass`)
+EXPANSION_TOLERANCE = 1e-2
+
+
+class MixturePass:
+    """One EM pass over row chunks: the E-step fused with the statistics.
+
+    The log-densities of all the components come from one matrix product of
+    per-row features of ``z = x - center`` with per-component coefficients,
+    and the sufficient statistics from one product of the same features with
+    the responsibilities:
+
+    * 'full': features ``[z_i z_j (i <= j), 1, z]``, in which
+      ``log N(x; mu_k, Lambda_k^-1) = -½ zᵀ Lambda_k z + zᵀ Lambda_k a_k
+      - ½ a_kᵀ Lambda_k a_k + const`` (``a_k = mu_k - center``) is linear, and
+      ``resp @ features`` holds the counts, first and (symmetric) second
+      moments at once. The products are formed per shift ``s``,
+      ``z_i z_(i+s mod d)``, in one broadcast operation;
+    * 'diag': ``[z², 1, z]``; 'spherical': ``[|z|², 1, z]``;
+    * 'tied': the whitened ``y = z P`` give ``y · b_k - ½|b_k|²``
+      (``b_k = a_k P``; ``-½|y|²`` is common to all the components), and
+      the second moments are ``sum_i w_i z_i z_iᵀ``.
+
+    Responsibilities are kept as (n_components × rows), so that the maximum
+    and the sum over the components reduce over the outer dimension. ``exp``
+    never sees numbers that would give denormals (several times slower):
+    log-densities more than about 85 (float32) below a row's maximum are
+    raised to that floor, a change below the float's resolution. Nothing is
+    read back to the host per chunk.
+
+    Precision. Expanded around ``center``, the log-density of component ``k``
+    rounds to about ``eps (|a_k|ᵀ|Lambda_k||a_k| + d)`` nats, and its second
+    moments cancel ``max_j (a_kj² + Sigma_k,jj) / Sigma_k,jj`` (the
+    squared distance to the center in units of the component's width). The
+    components for which the first exceeds :data:`EXPANSION_TOLERANCE` or the
+    second ``1 / (2 sqrt(eps))`` (tight components far from the center: in
+    float64 only degenerate ones, at ``reg_covar``) are computed from the
+    differences ``x - mu_k`` instead: their log-densities, and their second
+    moments centred on ``mu_k`` ('full', 'diag', 'spherical'). The others'
+    second moments are centred on ``center``; :meth:`finalize` measures what
+    that lost and, when it lost more than half the digits, redoes them
+    exactly centred on the new means (a second pass).
+
+    Parameters
+    ----------
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    center : Tensor of shape (n_features,)
+        A point near the data.
+    n_components : int
+    means : Tensor of shape (n_components, n_features), optional
+        The model of the E-step; without it :meth:`add` takes the
+        responsibilities.
+    precisions_cholesky : Tensor, optional
+        As in :func:`log_gaussian_prob`.
+    log_offsets : Tensor of shape (n_components,), optional
+        Added to the log-densities: ``log p(x, k) = log N(x; mu_k, ...) +
+        log_offsets[k]`` (the log-weights, for instance).
+    entropy : bool, default=False
+        Whether to accumulate ``sum_i w_i sum_k r_ik log r_ik``.
+
+    Attributes
+    ----------
+    exact_components : list of int
+        The components computed from differences.
+    stats : SufficientStatistics
+        The sums, complete after :meth:`finalize`.
+    """
+
+    def __init__(self, covariance_type, center, n_components, *, means=None,
+                 precisions_cholesky=None, log_offsets=None, entropy=False):
+        d = center.shape[0]
+        self.covariance_type = covariance_type
+        self.entropy = entropy
+        self.center, self.means, self.precisions_cholesky = center, means, precisions_cholesky
+        self.log_offsets = log_offsets
+        self.exact_components = [] if means is None else _imprecise_components(
+            means - center, precisions_cholesky, covariance_type)
+        self.stats = SufficientStatistics(covariance_type, center.expand(n_components, d),
+                                          center)
+        self._exact = torch.tensor(self.exact_components, dtype=torch.long,
+                                   device=center.device)
+        # groups of exact components whose (rows, group, d) temporaries fit
+        # in about the feature buffer of a chunk
+        size = max(1, self.n_columns(covariance_type, d) // (3 * d))
+        self._groups = [(slice(start, start + size), self._exact[start:start + size])
+                        for start in range(0, len(self.exact_components), size)]
+        if self.exact_components and covariance_type != "tied":
+            exact = self._exact
+            self.stats.reference[exact] = (means - center)[exact]
+            # summed whitened: the rounding is relative to each direction's
+            # variance, so that a near-singular covariance stays positive definite
+            self._exact_second = self.stats.second[exact].clone()
+        self._n_rows = 0
+        # feature columns: [quadratic (y for 'tied'), 1, z] (+ a copy of z for 'full')
+        self._ones_column = _N_QUADRATIC[covariance_type](d)
+        self._n_features = self._ones_column + 1 + d
+        self._buffers = {}
+        first = d if covariance_type == "tied" else 0  # the statistics skip y
+        self._sum_columns = slice(first, self._n_features)
+        self._sums = center.new_zeros(n_components, self._n_features - first)  # resp @ features
+        if covariance_type == "full":
+            self._pairs = _circulant_pairs(d, center.device)
+        if means is not None:
+            d_log = -0.5 * d * LOG_2PI + log_det_cholesky(precisions_cholesky, covariance_type, d)
+            self._constants = d_log + log_offsets  # log p(x, k) at x = mu_k
+            self._coefficients = self._log_prob_coefficients()
+
+    @staticmethod
+    def n_columns(covariance_type, n_features):
+        """Values per row of the feature buffer (what a chunk's memory holds)."""
+        d = n_features
+        return _N_QUADRATIC[covariance_type](d) + 1 + d + (d if covariance_type == "full" else 0)
+
+    # ------------------------------------------------------------ features
+    def _features(self, X):
+        """Features of the rows: (n, n_feature_columns) (see the class)."""
+        n, d = X.shape
+        buffer = self._buffers.get(n)
+        if buffer is None:  # one for the chunk size, one for the last chunk
+            extra = d if self.covariance_type == "full" else 0
+            buffer = self._buffers[n] = self.center.new_empty(n, self._n_features + extra)
+            buffer[:, self._ones_column] = 1.0
+        z = buffer[:, self._ones_column + 1:self._n_features]
+        torch.sub(X, self.center, out=z)
+        kind = self.covariance_type
+        if kind == "full":  # z_i z_(i+s mod d): column i of block s, read from [z, z]
+            buffer[:, self._n_features:] = z
+            n_full, half = d // 2 + d % 2, d // 2 if d % 2 == 0 else 0
+            shifted = z.as_strided((n, n_full, d), (buffer.stride(0), 1, 1))
+            torch.mul(z[:, None, :], shifted,
+                      out=buffer[:, :n_full * d].unflatten(1, (n_full, d)))
+            if half:
+                torch.mul(z[:, :half], z[:, half:], out=buffer[:, n_full * d:n_full * d + half])
+        elif kind == "diag":
+            torch.square(z, out=buffer[:, :d])
+        elif kind == "spherical":
+            torch.sum(z.square(), 1, keepdim=True, out=buffer[:, :1])
+        elif self.means is not None:  # tied: whitened rows y = z P
+            torch.mm(z, self.precisions_cholesky, out=buffer[:, :d])
+        return buffer[:, :self._n_features]
+
+    def _whitened(self, features, group):
+        """Whitened differences ``(x - mu_k) P_k`` of the rows for the exact
+        components ``group`` (indices), shape (len(group), n, d)."""
+        z = features[:, self._ones_column + 1:]
+        centred = z[:, None, :] - (self.means[group] - self.center)  # (n, g, d)
+        P, kind = self.precisions_cholesky, self.covariance_type
+        if kind == "full":
+            return torch.bmm(centred.transpose(0, 1), P[group])
+        if kind == "tied":
+            return (centred @ P).transpose(0, 1)
+        scale = P[group] if kind == "diag" else P[group, None]
+        return (centred * scale).transpose(0, 1)
+
+    def _log_prob_coefficients(self):
+        """(n_components, columns): log-densities = ``coefficients @ featuresᵀ``."""
+        P, kind = self.precisions_cholesky, self.covariance_type
+        a, const = self.means - self.center, self._constants
+        if kind == "full":
+            precision = P @ P.transpose(-1, -2)
+            i, j = self._pairs
+            quadratic = precision[:, i, j] * torch.where(i == j, -0.5, -1.0).to(P.dtype)
+            linear = torch.einsum("kde,ke->kd", precision, a)
+            const = const - 0.5 * torch.einsum("kd,kde->ke", a, P).square().sum(1)
+            return torch.cat([quadratic, const[:, None], linear], 1)
+        if kind == "tied":
+            whitened = a @ P  # against the columns y
+            return torch.cat([whitened, (const - 0.5 * whitened.square().sum(1))[:, None]], 1)
+        precision = P.square()
+        if kind == "spherical":
+            precision = precision[:, None].expand_as(a)
+        quadratic = -0.5 * (precision if kind == "diag" else precision[:, :1])
+        const = const - 0.5 * (a.square() * precision).sum(1)
+        return torch.cat([quadratic, const[:, None], a * precision], 1)
+
+    def _exact_log_prob(self, features, log_prob):
+        """Set the rows of ``log_prob`` (n_components, n) of the exact
+        components from their whitened differences."""
+        for _, group in self._groups:
+            whitened = self._whitened(features, group)
+            rows = self._constants[group, None] - 0.5 * whitened.square().sum(2)
+            if self.covariance_type == "tied":  # the rows' common term is added back
+                rows += 0.5 * features[:, :whitened.shape[2]].square().sum(1)
+            log_prob[group] = rows
+
+    # ------------------------------------------------------------- E-step
+    def _responsibilities(self, features, entropy=False):
+        """``(resp, log p(x), sum_k r_k log r_k or None)`` of the rows of
+        ``features``; resp of shape (n_components, n)."""
+        d = self.center.shape[0]
+        if self.covariance_type == "tied":
+            log_prob = self._coefficients @ features[:, :d + 1].T
+        else:
+            log_prob = self._coefficients @ features.T
+        self._exact_log_prob(features, log_prob)
+        floor = math.log(torch.finfo(log_prob.dtype).tiny) + math.log(log_prob.shape[0]) + 1.0
+        peak = log_prob.amax(0)
+        shifted = log_prob.sub_(peak).clamp_(min=floor)
+        resp = torch.exp(shifted) if entropy else shifted.exp_()
+        total = resp.sum(0)
+        resp.div_(total)
+        log_total = total.log_()
+        # sum_k r log r = sum_k r (shifted - log total) (xlogy is several times slower)
+        row_entropy = (resp * shifted).sum(0).sub_(log_total) if entropy else None
+        log_prob_norm = log_total.add_(peak)
+        if self.covariance_type == "tied":  # the term common to all components
+            log_prob_norm -= 0.5 * features[:, :d].square().sum(1)
+        return resp, log_prob_norm, row_entropy
+
+    def responsibilities(self, X):
+        """Responsibilities of the rows ``X``, shape (n, n_components)."""
+        return self._responsibilities(self._features(X))[0].T
+
+    # --------------------------------------------------------- statistics
+    def add(self, X, resp=None, sample_weight=None):
+        """Add rows ``X`` (n, d): the E-step (unless ``resp`` of shape
+        (n, n_components) is given), then their statistics.
+
+        Parameters
+        ----------
+        X : Tensor of shape (n, d)
+        resp : Tensor of shape (n, n_components), optional
+            Required when the pass has no model.
+        sample_weight : Tensor of shape (n,), optional
+        """
+        stats, wide = self.stats, self.stats.weight_sum.dtype
+        features = self._features(X)
+        if resp is None:
+            resp, log_prob_norm, entropy = self._responsibilities(features, self.entropy)
+            if self.entropy:
+                stats.resp_log_resp_sum += entropy.sum(dtype=wide) \
+                    if sample_weight is None else (sample_weight @ entropy).to(wide)
+            stats.log_prob_sum += log_prob_norm.sum(dtype=wide) \
+                if sample_weight is None else (sample_weight @ log_prob_norm).to(wide)
+        else:
+            resp = resp.T
+        if sample_weight is None:
+            self._n_rows += X.shape[0]
+        else:
+            resp = resp * sample_weight
+            stats.weight_sum += sample_weight.sum(dtype=wide)
+        kind = self.covariance_type
+        if kind == "tied":
+            z = features[:, self._ones_column + 1:]
+            weighted = z if sample_weight is None else z * sample_weight[:, None]
+            stats.second.addmm_(weighted.T, z)
+        else:  # second moments of the exact components around their means, whitened
+            for positions, group in self._groups:
+                whitened, weighted = self._whitened(features, group), resp[group]
+                second = self._exact_second[positions]
+                if kind == "full":
+                    second.baddbmm_((whitened * weighted[:, :, None]).transpose(1, 2), whitened)
+                else:
+                    second += torch.bmm(weighted[:, None, :], whitened.square())[:, 0]
+        self._sums.addmm_(resp, features[:, self._sum_columns])
+
+    def _unwhitened(self, whitened_second):
+        """Second moments of the exact components from their whitened sums,
+        ``P^-T W P^-1`` ('full') or ``W / P²``, computed in float64 where the
+        device has it."""
+        wide = self.stats.weight_sum.dtype
+        P = self.precisions_cholesky[self._exact].to(wide)
+        W = whitened_second.to(wide)
+        if self.covariance_type == "full":
+            eye = torch.eye(P.shape[-1], dtype=wide, device=P.device).expand_as(P)
+            inverse = torch.linalg.solve_triangular(P, eye, upper=True)  # P^-1
+            second = inverse.transpose(1, 2) @ W @ inverse
+        else:
+            second = W / (P.square() if self.covariance_type == "diag" else P[:, None].square())
+        return second.to(whitened_second.dtype)
+
+    def finalize(self, reg_covar, partition=None, exact_rows=None):
+        """The M-step's statistics, summed over the processes of ``partition``.
+
+        Parameters
+        ----------
+        reg_covar : float
+        partition : RowPartition, optional
+        exact_rows : callable, optional
+            ``exact_rows()`` iterates over ``(X, resp, sample_weight)`` again
+            (``resp`` None: the E-step's), for the exactly centred second pass
+            (:meth:`SufficientStatistics.finalize`); required unless the
+            pass never needs it.
+
+        Returns
+        -------
+        nk, means, covariances : Tensor
+            As :meth:`SufficientStatistics.mixture_parameters`.
+        """
+        stats, sums = self.stats, self._sums
+        stats.weight_sum += self._n_rows
+        d, kind = self.center.shape[0], self.covariance_type
+        ones = self._ones_column - self._sum_columns.start
+        stats.resp_sum += sums[:, ones]
+        stats.first += sums[:, ones + 1:]
+        quadratic = sums[:, :ones]
+        if kind == "full":
+            i, j = self._pairs
+            stats.second[:, i, j] = quadratic
+            stats.second[:, j, i] = quadratic
+        elif kind == "diag":
+            stats.second += quadratic
+        elif kind == "spherical":  # each feature: the mean of |z|² / d
+            stats.second += quadratic / d
+        if self.exact_components and kind != "tied":
+            stats.second[self._exact] = self._unwhitened(self._exact_second)
+
+        def exact_pass(means):
+            for X, resp, sample_weight in exact_rows():
+                resp = self.responsibilities(X) if resp is None else resp
+                stats.add_exact(X, resp, means, sample_weight=sample_weight)
+
+        return stats.finalize(reg_covar, partition, exact_pass)
+
+
+def _circulant_pairs(n_features, device):
+    """Index pairs ``(i, (i + s) mod d)`` of the 'full' features, in their order:
+    every unordered pair once."""
+    d = n_features
+    n_full, half = d // 2 + d % 2, d // 2 if d % 2 == 0 else 0
+    columns = torch.arange(d, device=device)
+    i = torch.cat([columns.repeat(n_full), columns[:half]])
+    shift = torch.cat([torch.arange(n_full, device=device).repeat_interleave(d),
+                       torch.full((half,), half, device=device, dtype=torch.long)])
+    return i, (i + shift) % d
+
+
+def _imprecise_components(offsets, precisions_cholesky, covariance_type):
+    """The components that :class:`MixturePass` computes from differences:
+    those whose expanded log-density would round to more than
+    :data:`EXPANSION_TOLERANCE` nats, ``eps (|a_k|ᵀ|Lambda_k||a_k| + d)``, or
+    whose second moments around the center would cancel more than
+    ``1 / (2 sqrt(eps))``, ``max_j (a_kj² + Sigma_kjj) / Sigma_kjj``."""
+    eps = torch.finfo(offsets.dtype).eps
+    a, d = offsets.abs(), offsets.shape[1]
+    precision = precisions_from_cholesky(precisions_cholesky, covariance_type)
+    variances = covariances_from_cholesky(precisions_cholesky, covariance_type)
+    if covariance_type == "full":
+        size = torch.einsum("kd,kde,ke->k", a, precision.abs(), a)
+        variances = torch.diagonal(variances, dim1=1, dim2=2)
+    elif covariance_type == "tied":
+        size = torch.einsum("kd,de,ke->k", a, precision.abs(), a)
+        variances = torch.diagonal(variances)
+    else:
+        if covariance_type == "spherical":
+            precision, variances = precision[:, None], variances[:, None]
+        size = (a.square() * precision).sum(1)
+    cancellation = (a.square() / variances).amax(1) + 1.0
+    imprecise = (eps * (size + d) > EXPANSION_TOLERANCE) | (
+        cancellation > 0.5 / math.sqrt(eps))
+    return torch.nonzero(imprecise).flatten().tolist()
+
+def _positive_definite(covariances, covariance_type):
+    """Whether the Cholesky factorisation of every 'full'/'tied' covariance
+    succeeds (True for 'diag'/'spherical', whose signs the loss check sees)."""
+    if covariance_type not in ("full", "tied"):
+        return True
+    return not bool((torch.linalg.cholesky_ex(covariances).info != 0).any())
 
 
 def _outer(delta):
@@ -774,15 +1178,24 @@ def expected_log_gaussian_prob(X, means, precisions_cholesky, degrees_of_freedom
     -------
     log_prob : Tensor of shape (n_samples, n_components)
     """
-    n_features = X.shape[1]
+    log_gauss = log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center, X_var)
+    return log_gauss + expected_log_gaussian_offsets(degrees_of_freedom, mean_precision,
+                                                     X.shape[1])
+
+
+def expected_log_gaussian_offsets(degrees_of_freedom, mean_precision, n_features):
+    """``E_q[log N(x | mu_k, Lambda_k^-1)] - log N(x | m_k, (nu_k W_k)^-1)``.
+
+    The part of :func:`expected_log_gaussian_prob` that does not depend on
+    ``x``, shape (K,) (broadcast to (K,) for 'tied').
+    """
     # the normalised precision nu W gives the Mahalanobis term; its log-det
     # counts d log(nu) that log|W| does not have
-    log_gauss = log_gaussian_prob(X, means, precisions_cholesky, covariance_type, center, X_var)
-    log_gauss = log_gauss - 0.5 * n_features * degrees_of_freedom.log()
     log_lambda = n_features * math.log(2.0) + _sum_over_dimensions(
         torch.digamma, degrees_of_freedom, n_features
     )
-    return log_gauss + 0.5 * (log_lambda - n_features / mean_precision)
+    return (0.5 * (log_lambda - n_features / mean_precision)
+            - 0.5 * n_features * degrees_of_freedom.log())
 
 
 def log_wishart_norm(degrees_of_freedom, log_det_precisions_chol, n_features):

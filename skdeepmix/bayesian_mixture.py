@@ -289,16 +289,13 @@ default='dirichlet_process'
         return G.mixture_weights(self._params["weight_concentration"],
                                  self.weight_concentration_prior_type)
 
-    def _estimate_weighted_log_prob(self, X):
-        """``E[log p(x | k)] + E[log pi_k]``, as scikit-learn's."""
+    def _log_prob_offsets(self):
+        """``E[log pi_k]`` and the Normal-Wishart terms of ``E[log p(x | k)]``."""
         params = self._params
-        center = self._mixture_weights() @ params["means"]
-        log_prob = G.expected_log_gaussian_prob(
-            X, params["means"], params["precisions_cholesky"], params["degrees_of_freedom"],
-            params["mean_precision"], self.covariance_type, center,
-        )
-        return log_prob + G.expected_log_weights(params["weight_concentration"],
-                                                 self.weight_concentration_prior_type)
+        return G.expected_log_gaussian_offsets(
+            params["degrees_of_freedom"], params["mean_precision"], self.n_features_in_
+        ) + G.expected_log_weights(params["weight_concentration"],
+                                   self.weight_concentration_prior_type)
 
     # ------------------------------------------------------- state handling
     def _set_state(self, state):

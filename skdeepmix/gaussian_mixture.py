@@ -288,13 +288,8 @@ class GaussianMixture(BaseEMMixture):
         self._set_state(self._parameters(weights, means, covariances))
         return self._objective(stats)
 
-    def _estimate_weighted_log_prob(self, X):
-        params = self._params
-        center = params["weights"] @ params["means"]
-        log_prob = G.log_gaussian_prob(
-            X, params["means"], params["precisions_cholesky"], self.covariance_type, center
-        )
-        return log_prob + params["weights"].log()
+    def _log_prob_offsets(self):
+        return self._params["weights"].log()
 
 
 # ----------------------------------------------------------------- helpers

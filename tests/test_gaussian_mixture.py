@@ -386,3 +386,25 @@ def test_cuda_fit_matches_cpu(blobs):
     cpu = GaussianMixture(3, random_state=0, device="cpu").fit(X)
     gpu = GaussianMixture(3, random_state=0, device="cuda").fit(X)
     assert abs(gpu.score(X) - cpu.score(X)) < 1e-6 * abs(cpu.score(X))
+
+
+def test_benchmark_quick_run(tmp_path):
+    """benchmarks/bench_gaussian_mixture.py --quick runs and writes its tables."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gaussian_mixture.py"
+    spec = importlib.util.spec_from_file_location("bench_gaussian_mixture", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gaussian_mixture.md"
+    threads = torch.get_num_threads()
+    bench.main(["--quick", "--no-memory", "--out", str(out)])
+    assert torch.get_num_threads() == threads
+    text = out.read_text()
+    assert "shared, busy machine" in text and "float32 GEMM GFLOP/s" in text
+    assert "## Lower bounds after 4 iterations" in text
+    rows = [line.split(" | ") for line in text.splitlines()
+            if line.startswith("| kmeans | far | full")]
+    assert len(rows) == 2  # timings and lower bounds
+    assert float(rows[1][8]) < 1e-9  # float64 lower bound, relative to scikit-learn's

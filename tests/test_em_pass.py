@@ -1,0 +1,177 @@
+"""The fused EM pass (skdeepmix._gaussian.MixturePass) against direct float64 sums."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from skdeepmix import _gaussian as G
+
+COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
+N, D, K = 3000, 5, 4
+
+
+def _data(shift=0.0, spread=1.0, seed=0, error=0.3):
+    """Rows from K Gaussians with per-feature scales, and a model near them
+    (means off by about ``error``)."""
+    generator = torch.Generator().manual_seed(seed)
+    options = dict(generator=generator, dtype=torch.float64)
+    centers = 4.0 * torch.randn(K, D, **options)
+    labels = torch.randint(K, (N,), generator=generator)
+    scales = 0.2 + torch.rand(K, D, **options)
+    X = centers[labels] + spread * scales[labels] * torch.randn(N, D, **options) + shift
+    means = centers + shift + error * torch.randn(K, D, **options)
+    weights = torch.rand(K, **options) + 0.5
+    sample_weight = 2.0 * torch.rand(N, **options)
+    return X, means, weights / weights.sum(), sample_weight
+
+
+def _covariances(covariance_type, variance):
+    eye = torch.eye(D, dtype=torch.float64)
+    return {"full": variance * eye.expand(K, D, D), "tied": variance * eye,
+            "diag": torch.full((K, D), variance, dtype=torch.float64),
+            "spherical": torch.full((K,), variance, dtype=torch.float64)}[covariance_type]
+
+
+def _reference(X, means, precisions_cholesky, covariance_type, log_weights, sample_weight):
+    """nk, means, covariances, sum w log p(x), sum w r log r: direct float64 sums."""
+    if covariance_type in ("full", "tied"):  # whitened differences
+        log_prob = G.log_gaussian_prob(X, means, precisions_cholesky, covariance_type)
+    else:  # differences (log_gaussian_prob expands the squares)
+        precision = precisions_cholesky.square()
+        if covariance_type == "spherical":
+            precision = precision[:, None].expand(K, D)
+        log_prob = (-0.5 * ((X[:, None, :] - means).square() * precision).sum(-1)
+                    + 0.5 * precision.log().sum(1) - 0.5 * D * G.LOG_2PI)
+    log_prob = log_prob + log_weights
+    norm = torch.logsumexp(log_prob, 1)
+    resp = (log_prob - norm[:, None]).exp()
+    weighted = resp * sample_weight[:, None]
+    nk = weighted.sum(0) + 10 * torch.finfo(torch.float64).eps
+    new_means = weighted.T @ X / nk[:, None]
+    scatter = torch.stack([((X - new_means[k]) * weighted[:, k:k + 1]).T @ (X - new_means[k])
+                           for k in range(K)])
+    covariances = {
+        "full": scatter / nk[:, None, None],
+        "tied": scatter.sum(0) / nk.sum(),
+        "diag": torch.diagonal(scatter, dim1=1, dim2=2) / nk[:, None],
+        "spherical": torch.diagonal(scatter, dim1=1, dim2=2).mean(1) / nk,
+    }[covariance_type]
+    entropy = (sample_weight[:, None] * torch.special.xlogy(resp, resp)).sum()
+    return nk, new_means, covariances, sample_weight @ norm, entropy
+
+
+def _run_pass(X, means, precisions_cholesky, covariance_type, log_weights, sample_weight,
+              dtype, chunk=700):
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    X, sample_weight = cast(X), cast(sample_weight)
+    em_pass = G.MixturePass(covariance_type, cast(log_weights.exp() @ means), K,
+                            means=cast(means), precisions_cholesky=cast(precisions_cholesky),
+                            log_offsets=cast(log_weights), entropy=True)
+
+    def rows():
+        for start in range(0, N, chunk):
+            yield X[start:start + chunk], None, sample_weight[start:start + chunk]
+
+    for chunk_X, _, chunk_weights in rows():
+        em_pass.add(chunk_X, None, chunk_weights)
+    nk, new_means, covariances = em_pass.finalize(0.0, None, rows)
+    stats = em_pass.stats
+    return em_pass, (nk, new_means, covariances, stats.log_prob_sum, stats.resp_log_resp_sum)
+
+
+def _assert_matches(result, reference, rtol):
+    names = ["nk", "means", "covariances", "log-likelihood"]
+    for name, got, want in zip(names, result, reference):
+        got = got.double()
+        error = float((got - want).abs().max() / want.abs().max())
+        assert error < rtol, (name, error)
+    if len(result) > 4:  # the entropy (near 0 for separated clusters)
+        assert abs(float(result[4]) - float(reference[4])) < rtol * N
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_pass_matches_direct_sums(covariance_type, dtype):
+    X, means, weights, sample_weight = _data()
+    chol = G.precision_cholesky_from_covariances(_covariances(covariance_type, 0.8),
+                                                 covariance_type)
+    reference = _reference(X, means, chol, covariance_type, weights.log(), sample_weight)
+    em_pass, result = _run_pass(X, means, chol, covariance_type, weights.log(), sample_weight,
+                                dtype)
+    assert em_pass.exact_components == []  # the expansion is precise enough here
+    assert result[2].dtype == dtype
+    _assert_matches(result, reference, 1e-10 if dtype == torch.float64 else 2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_tight_components_far_from_the_center_are_computed_exactly(covariance_type, dtype):
+    # expanded around the center, component k would lose ~eps |a_k|^2 / var
+    # nats and its second moments would cancel |a_k|^2 / var: in float32 the
+    # tight ones, in float64 those collapsed to about reg_covar
+    # (float32 cannot hold means near 1e4 to a fraction of a 0.01 spread)
+    spread, shift = (1e-2, 0.0) if dtype == torch.float32 else (1e-4, 1e4)
+    X, means, weights, sample_weight = _data(shift=shift, spread=spread, error=spread / 10)
+    variance = spread**2
+    covariances = _covariances(covariance_type, 1.0)
+    tight = [1, 3]
+    if covariance_type == "tied":
+        covariances, tight = covariances * variance, list(range(K))
+    else:
+        covariances[tight] *= variance
+    chol = G.precision_cholesky_from_covariances(covariances, covariance_type)
+    cast = lambda t: t.to(dtype).double()  # noqa: E731  (what the pass sees)
+    reference = _reference(cast(X), cast(means), cast(chol), covariance_type,
+                           cast(weights).log(), cast(sample_weight))
+    em_pass, result = _run_pass(X, means, chol, covariance_type, weights.log(), sample_weight,
+                                dtype)
+    assert em_pass.exact_components == tight
+    assert result[2].dtype == dtype
+    _assert_matches(result, reference, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_exact_second_pass_when_the_centred_sums_lose_too_much(covariance_type):
+    # a model of unit variances (the E-step expansion is fine) of tight clusters:
+    # second moments around the mixture mean cancel to a few digits in float32
+    X, means, weights, sample_weight = _data(spread=1e-3)
+    chol = G.precision_cholesky_from_covariances(_covariances(covariance_type, 1.0),
+                                                 covariance_type)
+    reference = _reference(X.to(torch.float32).double(), means, chol, covariance_type,
+                           weights.log(), sample_weight)
+    em_pass, result = _run_pass(X, means, chol, covariance_type, weights.log(), sample_weight,
+                                torch.float32)
+    assert em_pass.exact_components == [] and em_pass.stats.exact
+    _assert_matches(result[:3], reference[:3], 1e-4)
+    variances = result[2].diagonal(dim1=-2, dim2=-1) if covariance_type in ("full", "tied") \
+        else result[2]
+    assert (variances > 0).all()
+
+
+@pytest.mark.parametrize("n_features", range(1, 8))
+def test_circulant_pairs_cover_each_pair_once(n_features):
+    i, j = G._circulant_pairs(n_features, torch.device("cpu"))
+    pairs = sorted(tuple(sorted(p)) for p in zip(i.tolist(), j.tolist()))
+    assert pairs == list(itertools.combinations_with_replacement(range(n_features), 2))
+
+
+def test_given_responsibilities_give_the_mixture_moments():
+    X, _, _, sample_weight = _data()
+    resp = torch.softmax(torch.randn(N, K, generator=torch.Generator().manual_seed(3),
+                                     dtype=torch.float64), 1)
+    em_pass = G.MixturePass("full", X[:100].mean(0), K)
+    em_pass.add(X, resp, sample_weight)
+    nk, means, covariances = em_pass.finalize(0.0)
+    weighted = resp * sample_weight[:, None]
+    want_nk = weighted.sum(0)
+    want_means = weighted.T @ X / want_nk[:, None]
+    centred = X[:, None, :] - want_means
+    want = torch.einsum("nk,nkd,nke->kde", weighted, centred, centred) / want_nk[:, None, None]
+    torch.testing.assert_close(nk, want_nk, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(means, want_means, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(covariances, want, rtol=1e-9, atol=1e-9)
+    assert math.isclose(float(em_pass.stats.weight_sum), float(sample_weight.sum()))
