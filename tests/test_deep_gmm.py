@@ -152,6 +152,17 @@ def test_m_step_objective_is_the_folded_log_likelihood():
                                rtol=1e-12)
 
 
+def test_hessian_apply_and_preconditioner():
+    obj, X, *_ = _random_objective(B=3, U=4, d=3, seed=2)
+    naive = torch.einsum("uab,mbc,mucd->mad", obj.omega, X, obj.gamma)
+    np.testing.assert_allclose(obj.hessian_apply(X).numpy(), naive.numpy(), rtol=1e-12)
+    # with one inner path the preconditioner inverts the per-sample Hessian exactly
+    one, X1, *_ = _random_objective(B=2, U=1, d=3, seed=4)
+    precondition = one.preconditioner()
+    back = precondition(one.hessian_apply(X1) / one.counts[:, None, None])
+    np.testing.assert_allclose(back.numpy(), X1.numpy(), rtol=1e-10)
+
+
 def test_lbfgs_reaches_stationary_point_and_never_decreases():
     obj, X0, *_ = _random_objective(B=4, U=2, d=4, seed=3)
     f0 = obj.value(X0, obj.hessian_apply(X0))
