@@ -128,6 +128,15 @@ class DeepGMMEstimator(BaseDeepMixture):
     reg_covar : float, default=1e-6
         Added to the diagonal of every node's input covariance in the M-step
         (with one layer this is exactly a GMM's ``reg_covar``).
+    prior_count : float, default=0.0
+        Weight, in samples, of a conjugate (Wishart) prior on the covariance
+        of every path: the M-step adds ``prior_count`` times the pooled
+        within-path covariance of the data to every path's scatter (seen by
+        each layer through its outer layers), a maximum a posteriori fit. With
+        one layer, a component with ``n`` samples gets the covariance
+        ``Sigma + (prior_count / n) Sigma_pooled``: components with few
+        samples are inflated towards the pooled covariance, those with many
+        barely move. ``0`` is maximum likelihood, as in the paper.
     m_step_iter : int, default=50
         L-BFGS iterations per layer and M-step.
     learning_rate : float, default=1e-3
@@ -218,6 +227,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         "init_params": [StrOptions({"kmeans", "kmeans_outer", "random"})],
         "init_noise": [Interval(Real, 0.0, None, closed="left")],
         "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "prior_count": [Interval(Real, 0.0, None, closed="left")],
         "m_step_iter": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0.0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -235,6 +245,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         init_params="kmeans",
         init_noise=0.1,
         reg_covar=1e-6,
+        prior_count=0.0,
         m_step_iter=50,
         learning_rate=1e-3,
         batch_size=256,
@@ -270,6 +281,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         self.init_params = init_params
         self.init_noise = init_noise
         self.reg_covar = reg_covar
+        self.prior_count = prior_count
         self.m_step_iter = m_step_iter
         self.learning_rate = learning_rate
         self.batch_size = batch_size
@@ -413,7 +425,8 @@ class DeepGMMEstimator(BaseDeepMixture):
             accumulate_hard_statistics(module, chunk, paths, centers, stats)
         partition.sum(*stats, counts, sums)
         module.set_path_weights_from_counts(counts)
-        m_step_layers(module, stats, centers, self.reg_covar, self.m_step_iter)
+        m_step_layers(module, stats, centers, self.reg_covar, self.m_step_iter,
+                      self.prior_count)
         state.paths = new_paths if heuristic else None
         objective, switched = (sums / partition.n_total).tolist()
         return {"objective": objective, **({"switch_rate": switched} if heuristic else {})}
@@ -433,7 +446,8 @@ class DeepGMMEstimator(BaseDeepMixture):
             total += log_prob.sum()
         ctx.partition.sum(*stats, resp_sum, total)
         module.set_path_weights_from_counts(resp_sum)
-        m_step_layers(module, stats, centers, self.reg_covar, self.m_step_iter)
+        m_step_layers(module, stats, centers, self.reg_covar, self.m_step_iter,
+                      self.prior_count)
         return float(total) / ctx.partition.n_total
 
     def _optimizer(self):

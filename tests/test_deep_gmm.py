@@ -22,6 +22,7 @@ from skdeepmix.nn.deep_gmm import (
     lbfgs_maximize,
     m_step_layers,
     m_step_objective,
+    prior_scatter,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -191,6 +192,51 @@ def test_one_layer_soft_m_step_is_the_gmm_m_step():
         cov = (resp[:, k, None] * diff).T @ diff / nk + reg * np.eye(2)
         np.testing.assert_allclose(b[k].numpy(), mean, rtol=1e-10)
         np.testing.assert_allclose((A[k] @ A[k].T).numpy(), cov, rtol=1e-10)
+
+
+def test_one_layer_prior_is_the_conjugate_map_update():
+    model = _random_model((3,), 2)
+    X = torch.as_tensor(_blobs(100), dtype=torch.float64)
+    log_joint = model.log_joint(X)
+    resp = (log_joint - log_joint.logsumexp(1, keepdim=True)).exp().numpy()
+    centers = [X.mean(0)]
+    stats = empty_statistics(model)
+    accumulate_soft_statistics(model, X, centers, stats)
+    tau = 7.0
+    m_step_layers(model, stats, centers, 0.0, prior_count=tau)
+    A, b = model.generative_parameters(0)
+    Xn = X.numpy()
+    nk = resp.sum(0)
+    means = resp.T @ Xn / nk[:, None]
+    covs = np.stack([(resp[:, k, None] * (Xn - means[k])).T @ (Xn - means[k]) / nk[k]
+                     for k in range(3)])
+    within = np.einsum("k,kab->ab", nk, covs) / nk.sum()
+    for k in range(3):  # means kept, covariances inflated towards the pooled one
+        np.testing.assert_allclose(b[k].numpy(), means[k], rtol=1e-10)
+        expected = covs[k] + tau / nk[k] * within
+        np.testing.assert_allclose((A[k] @ A[k].T).numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_prior_scatter_is_the_data_space_scatter_of_every_path():
+    model = _random_model((2, 3, 2), 3)
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    psi = B @ B.T
+    W0, W1 = model.inv_weight[0], model.inv_weight[1]
+    expected = sum(W1[b] @ W0[a] @ psi @ W0[a].T @ W1[b].T for a in range(2) for b in range(3))
+    np.testing.assert_allclose(prior_scatter(model, 2, psi).numpy(), expected.numpy(),
+                               rtol=1e-12)
+    np.testing.assert_allclose(prior_scatter(model, 0, psi).numpy(), psi.numpy())
+
+
+def test_prior_keeps_a_deep_fit_on_few_samples_sane():
+    rng = np.random.RandomState(0)
+    X = rng.randn(120, 6) @ rng.randn(6, 6)  # 120 samples for 16 paths in 6-D
+    plain = DeepGMMEstimator((2, 2, 4), random_state=0, max_iter=40).fit(X[:80])
+    prior = DeepGMMEstimator((2, 2, 4), prior_count=8.0, random_state=0, max_iter=40).fit(X[:80])
+    assert prior.score(X[80:]) > plain.score(X[80:]) + 1.0
+    for A in prior.transforms_:  # no drift along the gauge between layers
+        assert np.linalg.svd(A, compute_uv=False).max() < 1e3
 
 
 def test_hard_m_step_gain_equals_log_likelihood_gain():

@@ -53,6 +53,8 @@ __all__ = [
     "accumulate_hard_statistics",
     "accumulate_soft_statistics",
     "m_step_layers",
+    "pooled_within_covariance",
+    "prior_scatter",
     "MStepError",
 ]
 
@@ -664,8 +666,8 @@ class NodeObjective:
         for matrix in (omega_bar, gamma_bar):
             L, info = torch.linalg.cholesky_ex(matrix)
             eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-            inverses.append(torch.where((info == 0)[:, None, None], torch.cholesky_inverse(L),
-                                        eye))
+            inverses.append(torch.cholesky_inverse(torch.where((info == 0)[:, None, None], L,
+                                                               eye)))
         omega_inv, gamma_inv = inverses
         return lambda G: omega_inv @ G @ gamma_inv
 
@@ -908,12 +910,24 @@ class MStepError(ValueError):
 
 
 @torch.no_grad()
-def m_step_layers(model, stats, centers, reg, max_iter=50):
+def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     """Update every layer from its statistics, from the latent side to the data side.
 
     Layer ``k-1`` (next to ``z``) has the closed-form Gaussian solution; the
     other layers are maximised by batched L-BFGS over their nodes with the
     inner layers folded (paper §3.2). Nodes without data are left unchanged.
+
+    With ``prior_count > 0`` the update is a maximum a posteriori one under a
+    Wishart prior on the data-space precision of every path: each path's
+    statistics receive ``prior_count`` times the pooled within-path
+    covariance ``Sigma_w`` of the data as extra scatter (no extra counts),
+    i.e. the objective gains ``-prior_count/2 Tr(P_p Sigma_w)`` per path
+    (``P_p`` the path's precision). Every layer sees that scatter through
+    its outer layers (:func:`prior_scatter`), so all layers maximise one
+    objective, invariant under the affine gauge between layers (a prior on
+    one layer alone makes the maps drift along it). For a one-layer model (a
+    GMM) the covariance of a component with ``n_k`` samples becomes
+    ``Sigma_k + (prior_count / n_k) Sigma_w``.
 
     Parameters
     ----------
@@ -926,6 +940,8 @@ def m_step_layers(model, stats, centers, reg, max_iter=50):
         ``reg_covar`` in a GMM.
     max_iter : int
         L-BFGS iterations per layer.
+    prior_count : float, default=0.0
+        Weight, in samples, of the prior's scatter per path.
 
     Returns
     -------
@@ -934,9 +950,12 @@ def m_step_layers(model, stats, centers, reg, max_iter=50):
     """
     d = model.n_features
     gain = 0.0
+    psi = prior_count * pooled_within_covariance(stats[0]) if prior_count > 0 else None
     for j in reversed(range(model.n_layers)):
         gamma = stats[j].clone()
         counts_mu = gamma[..., -1, -1]
+        if psi is not None:
+            gamma[..., :d, :d] += prior_scatter(model, j, psi)
         idx = torch.arange(d, device=gamma.device)
         gamma[..., idx, idx] += reg * counts_mu[..., None]
         W = model.inv_weight[j].detach().to(torch.float64)
@@ -968,6 +987,50 @@ def m_step_layers(model, stats, centers, reg, max_iter=50):
         model.inv_weight[j].copy_(Q.to(model.inv_weight[j].dtype))
         model.inv_bias[j].copy_((c_centred - Q @ mu).to(model.inv_bias[j].dtype))
     return gain
+
+
+def pooled_within_covariance(gamma):
+    """Pooled within-group covariance of homogeneous statistics.
+
+    Parameters
+    ----------
+    gamma : Tensor of shape (..., d+1, d+1)
+        ``sum [x - c; 1][x - c; 1]^T`` of every group (e.g. of every path:
+        the data-side layer's statistics).
+
+    Returns
+    -------
+    covariance : Tensor of shape (d, d)
+        ``sum_g (S_g - s_g s_g^T / n_g) / sum_g n_g``.
+    """
+    d = gamma.shape[-1] - 1
+    flat = gamma.reshape(-1, d + 1, d + 1)
+    counts, sums = flat[:, d, d], flat[:, :d, d]
+    tiny = torch.finfo(gamma.dtype).tiny
+    centred = flat[:, :d, :d] - sums[:, :, None] * sums[:, None, :] / counts.clamp_min(tiny)[
+        :, None, None]
+    covariance = centred.sum(0) / counts.sum().clamp_min(tiny)
+    return 0.5 * (covariance + covariance.T)
+
+
+def prior_scatter(model, j, psi):
+    """The prior's scatter ``psi`` of every path, seen at the input of layer ``j``.
+
+    A path whose outer nodes (layers ``0..j-1``) have the inverse maps
+    ``W_0, ..., W_{j-1}`` sees the data-space matrix ``psi`` as
+    ``W_{j-1} ... W_0 psi W_0^T ... W_{j-1}^T``; summed over those outer
+    nodes this is what every (node, inner path) of layer ``j`` receives:
+    ``P_{l+1} = sum_a W_{l,a} P_l W_{l,a}^T``, ``P_0 = psi``.
+
+    Returns
+    -------
+    scatter : Tensor of shape (d, d)
+    """
+    P = psi
+    for l in range(j):
+        W = model.inv_weight[l].to(psi.dtype)
+        P = (W @ P @ W.transpose(-1, -2)).sum(0)
+    return P
 
 
 def _closed_form_gaussian(gamma, X0):
