@@ -130,13 +130,14 @@ class DeepGMMEstimator(BaseDeepMixture):
         (with one layer this is exactly a GMM's ``reg_covar``).
     prior_count : float, default=0.0
         Weight, in samples, of a conjugate (Wishart) prior on the covariance
-        of every path: the M-step adds ``prior_count`` times the pooled
-        within-path covariance of the data to every path's scatter (seen by
-        each layer through its outer layers), a maximum a posteriori fit. With
-        one layer, a component with ``n`` samples gets the covariance
-        ``Sigma + (prior_count / n) Sigma_pooled``: components with few
-        samples are inflated towards the pooled covariance, those with many
-        barely move. ``0`` is maximum likelihood, as in the paper.
+        of every path, centred on the path's own per-feature variances: the
+        M-step adds ``prior_count`` times the diagonal of each path's
+        covariance to its scatter (seen by every layer through its outer
+        layers), a maximum a posteriori fit. With one layer, a component with
+        ``n`` samples gets the covariance ``Sigma + (prior_count / n)
+        diag(Sigma)``: components with few samples (fewer than features, say)
+        become well-conditioned, those with many barely move. ``0`` is
+        maximum likelihood, as in the paper.
     m_step_iter : int, default=50
         L-BFGS iterations per layer and M-step.
     learning_rate : float, default=1e-3

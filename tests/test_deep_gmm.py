@@ -208,25 +208,27 @@ def test_one_layer_prior_is_the_conjugate_map_update():
     Xn = X.numpy()
     nk = resp.sum(0)
     means = resp.T @ Xn / nk[:, None]
-    covs = np.stack([(resp[:, k, None] * (Xn - means[k])).T @ (Xn - means[k]) / nk[k]
-                     for k in range(3)])
-    within = np.einsum("k,kab->ab", nk, covs) / nk.sum()
-    for k in range(3):  # means kept, covariances inflated towards the pooled one
+    for k in range(3):  # means kept, covariances inflated by their own variances
+        cov = (resp[:, k, None] * (Xn - means[k])).T @ (Xn - means[k]) / nk[k]
         np.testing.assert_allclose(b[k].numpy(), means[k], rtol=1e-10)
-        expected = covs[k] + tau / nk[k] * within
+        expected = cov + tau / nk[k] * np.diag(np.diag(cov))
         np.testing.assert_allclose((A[k] @ A[k].T).numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_prior_scatter_is_the_data_space_scatter_of_every_path():
     model = _random_model((2, 3, 2), 3)
     gen = torch.Generator().manual_seed(0)
-    B = torch.randn(3, 3, generator=gen, dtype=torch.float64)
-    psi = B @ B.T
+    B = torch.randn(12, 3, 3, generator=gen, dtype=torch.float64)
+    psi = B @ B.transpose(-1, -2)  # one matrix per path, flat C order
     W0, W1 = model.inv_weight[0], model.inv_weight[1]
-    expected = sum(W1[b] @ W0[a] @ psi @ W0[a].T @ W1[b].T for a in range(2) for b in range(3))
-    np.testing.assert_allclose(prior_scatter(model, 2, psi).numpy(), expected.numpy(),
-                               rtol=1e-12)
-    np.testing.assert_allclose(prior_scatter(model, 0, psi).numpy(), psi.numpy())
+    P = prior_scatter(model, 2, psi)
+    assert P.shape == (2, 1, 3, 3)
+    for c in range(2):
+        expected = sum(W1[b] @ W0[a] @ psi[a * 6 + b * 2 + c] @ W0[a].T @ W1[b].T
+                       for a in range(2) for b in range(3))
+        np.testing.assert_allclose(P[c, 0].numpy(), expected.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(prior_scatter(model, 0, psi).numpy(),
+                               psi.reshape(2, 6, 3, 3).numpy())
 
 
 def test_prior_keeps_a_deep_fit_on_few_samples_sane():

@@ -53,7 +53,7 @@ __all__ = [
     "accumulate_hard_statistics",
     "accumulate_soft_statistics",
     "m_step_layers",
-    "pooled_within_covariance",
+    "path_variances",
     "prior_scatter",
     "MStepError",
 ]
@@ -918,16 +918,18 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     inner layers folded (paper §3.2). Nodes without data are left unchanged.
 
     With ``prior_count > 0`` the update is a maximum a posteriori one under a
-    Wishart prior on the data-space precision of every path: each path's
-    statistics receive ``prior_count`` times the pooled within-path
-    covariance ``Sigma_w`` of the data as extra scatter (no extra counts),
-    i.e. the objective gains ``-prior_count/2 Tr(P_p Sigma_w)`` per path
-    (``P_p`` the path's precision). Every layer sees that scatter through
-    its outer layers (:func:`prior_scatter`), so all layers maximise one
-    objective, invariant under the affine gauge between layers (a prior on
-    one layer alone makes the maps drift along it). For a one-layer model (a
-    GMM) the covariance of a component with ``n_k`` samples becomes
-    ``Sigma_k + (prior_count / n_k) Sigma_w``.
+    Wishart prior on the data-space precision ``P_p`` of every path, centred
+    on the path's own per-feature variances ``V_p`` (an empirical-Bayes
+    scale, :func:`path_variances`): each path's statistics receive
+    ``prior_count * V_p`` as extra scatter (no extra counts), i.e. the
+    objective gains ``-prior_count/2 Tr(P_p V_p)`` per path, with ``d + 1``
+    degrees of freedom (no pull on ``log|P_p|``). Every layer sees that
+    scatter through its outer layers (:func:`prior_scatter`), so that all
+    layers maximise one objective, invariant under the affine gauge between
+    layers. (A prior in one layer's own coordinates, or pseudo-counts that
+    weigh one layer's log-determinant and not the others', make the maps
+    drift along that gauge.) For one layer (a GMM) a component with ``n_k``
+    samples gets the covariance ``Sigma_k + (prior_count / n_k) V_k``.
 
     Parameters
     ----------
@@ -950,7 +952,7 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     """
     d = model.n_features
     gain = 0.0
-    psi = prior_count * pooled_within_covariance(stats[0]) if prior_count > 0 else None
+    psi = prior_count * path_variances(stats[0]) if prior_count > 0 else None
     for j in reversed(range(model.n_layers)):
         gamma = stats[j].clone()
         counts_mu = gamma[..., -1, -1]
@@ -989,48 +991,52 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     return gain
 
 
-def pooled_within_covariance(gamma):
-    """Pooled within-group covariance of homogeneous statistics.
+def path_variances(gamma):
+    """Per-feature variances of the samples of every path, as diagonal matrices.
 
     Parameters
     ----------
-    gamma : Tensor of shape (..., d+1, d+1)
-        ``sum [x - c; 1][x - c; 1]^T`` of every group (e.g. of every path:
-        the data-side layer's statistics).
+    gamma : Tensor of shape (N_0, U_0, d+1, d+1)
+        The data-side layer's statistics: one homogeneous scatter per path.
 
     Returns
     -------
-    covariance : Tensor of shape (d, d)
-        ``sum_g (S_g - s_g s_g^T / n_g) / sum_g n_g``.
+    variances : Tensor of shape (n_paths, d, d)
+        ``diag(S_p / n_p - m_p m_p^T)`` (zero for a path without samples).
     """
     d = gamma.shape[-1] - 1
     flat = gamma.reshape(-1, d + 1, d + 1)
     counts, sums = flat[:, d, d], flat[:, :d, d]
-    tiny = torch.finfo(gamma.dtype).tiny
-    centred = flat[:, :d, :d] - sums[:, :, None] * sums[:, None, :] / counts.clamp_min(tiny)[
-        :, None, None]
-    covariance = centred.sum(0) / counts.sum().clamp_min(tiny)
-    return 0.5 * (covariance + covariance.T)
+    n = counts.clamp_min(torch.finfo(gamma.dtype).tiny)[:, None]
+    second = torch.diagonal(flat[:, :d, :d], dim1=-2, dim2=-1) / n
+    variances = (second - (sums / n).square()).clamp_min(0.0) * (counts > 0)[:, None]
+    return torch.diag_embed(variances)
 
 
 def prior_scatter(model, j, psi):
-    """The prior's scatter ``psi`` of every path, seen at the input of layer ``j``.
+    """Data-space scatter ``psi_p`` of every path, seen at the input of layer ``j``.
 
-    A path whose outer nodes (layers ``0..j-1``) have the inverse maps
-    ``W_0, ..., W_{j-1}`` sees the data-space matrix ``psi`` as
-    ``W_{j-1} ... W_0 psi W_0^T ... W_{j-1}^T``; summed over those outer
-    nodes this is what every (node, inner path) of layer ``j`` receives:
-    ``P_{l+1} = sum_a W_{l,a} P_l W_{l,a}^T``, ``P_0 = psi``.
+    Path ``p`` reaches layer ``j`` through the inverse maps ``W`` of its outer
+    nodes, which turn ``psi_p`` into ``W_{j-1} ... W_0 psi_p W_0^T ...
+    W_{j-1}^T``; summed over the outer nodes, this is what the (node, inner
+    path) of layer ``j`` on that path receives.
+
+    Parameters
+    ----------
+    model : DeepGMM
+    j : int
+    psi : Tensor of shape (n_paths, d, d)
+        One matrix per path (flat C order).
 
     Returns
     -------
-    scatter : Tensor of shape (d, d)
+    scatter : Tensor of shape (N_j, U_j, d, d)
     """
     P = psi
     for l in range(j):
-        W = model.inv_weight[l].to(psi.dtype)
-        P = (W @ P @ W.transpose(-1, -2)).sum(0)
-    return P
+        W = model.inv_weight[l].to(psi.dtype)[:, None]
+        P = (W @ P.reshape(W.shape[0], -1, *psi.shape[1:]) @ W.transpose(-1, -2)).sum(0)
+    return P.reshape(model.layer_sizes[j], -1, *psi.shape[1:])
 
 
 def _closed_form_gaussian(gamma, X0):
