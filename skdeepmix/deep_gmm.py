@@ -387,10 +387,13 @@ class DeepGMMEstimator(BaseDeepMixture):
         return super()._converged(objectives)
 
     def _hard_em_iteration(self, X, ctx):
-        """E-step (best path of every row, its statistics), then M-step.
+        """E-step (best path of every row), statistics, M-step.
 
         Returns the mean best-path log joint density of the model before the
-        M-step (the hard-EM objective, summed over the processes).
+        M-step (the hard-EM objective, summed over the processes). The
+        statistics take a second pass over larger chunks than the E-step's
+        (they need ``d + 1`` values per row, not one per path), so that their
+        products per (node, inner path) are large.
         """
         module, state, partition = self.module_, self._training_state, ctx.partition
         heuristic = self._path_search() == "heuristic"
@@ -401,34 +404,34 @@ class DeepGMMEstimator(BaseDeepMixture):
         if heuristic:  # one seed, the same on every process
             seed = int(torch.randint(2**62, (1,), generator=ctx.generator,
                                      device=ctx.generator.device))
-            new_paths = torch.empty(n, dtype=torch.long, device=X.device)
-        centers = module.statistics_centers()
-        stats = empty_statistics(module)
+        best = torch.empty(n, dtype=torch.long, device=X.device)
         counts = torch.zeros(module.n_paths, dtype=torch.float64, device=X.device)
         sums = torch.zeros(2, dtype=torch.float64, device=X.device)  # objective, switches
         for rows in iter_row_chunks(n, self._train_chunk_rows()):
-            chunk = X[rows]
             if heuristic:
                 start = _restart_paths(module, seed, partition.offset + rows.start,
                                        partition.offset + rows.stop, X.device)
                 warm = None if previous is None else module.unflatten_index(
                     previous[rows].to(X.device))
-                paths, score, switched = module.best_paths(chunk, warm, start,
+                paths, score, switched = module.best_paths(X[rows], warm, start,
                                                            self.n_restart_passes)
-                flat = module.flat_index(paths)
-                new_paths[rows] = flat
+                best[rows] = module.flat_index(paths)
                 sums[1] += switched
             else:
-                score, flat = module.log_joint(chunk, MEMORY_BUDGET).max(1)
-                paths = module.unflatten_index(flat)
+                score, best[rows] = module.log_joint(X[rows], MEMORY_BUDGET).max(1)
             sums[0] += score.sum()
-            counts += torch.bincount(flat, minlength=module.n_paths)
-            accumulate_hard_statistics(module, chunk, paths, centers, stats)
+        counts += torch.bincount(best, minlength=module.n_paths)
+        centers = module.statistics_centers()
+        stats = empty_statistics(module)
+        d = X.shape[1]
+        for rows in iter_row_chunks(n, chunk_rows(4 * (d + 1), self.chunk_size)):
+            paths = module.unflatten_index(best[rows])
+            accumulate_hard_statistics(module, X[rows], paths, centers, stats)
         partition.sum(*stats, counts, sums)
         module.set_path_weights_from_counts(counts)
         m_step_layers(module, stats, centers, self.reg_covar, self.m_step_iter,
                       self.prior_count)
-        state.paths = new_paths if heuristic else None
+        state.paths = best if heuristic else None
         objective, switched = (sums / partition.n_total).tolist()
         return {"objective": objective, **({"switch_rate": switched} if heuristic else {})}
 
