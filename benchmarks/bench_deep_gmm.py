@@ -49,7 +49,7 @@ def raw_parameters(row, d=63):
     """Every number stored by the model (no gauge/rotation subtracted)."""
     if "raw_parameters" in row:
         return row["raw_parameters"]
-    match = re.search(r"layer_sizes=\(([0-9, ]+)\)", row["model"])
+    match = re.search(r"(?:layer_sizes|n_components)=\(([0-9, ]+)\)", row["model"])
     if not match:
         return row["parameters"]
     sizes = [int(n) for n in match.group(1).split(",") if n.strip()]
@@ -109,8 +109,8 @@ def run_bsds(args):
         model = DeepGMMEstimator(sizes, random_state=0, max_iter=args.deep_max_iter,
                                  device="cpu", dtype=args.dtype)
         wall, cpu = timed_fit(model, Xtr)
-        record(f"DeepGMMEstimator(layer_sizes={sizes}) [{len(sizes)} layers, "
-               f"{model.n_paths_} paths, {model._hard_search()} E-step]",
+        record(f"DeepGMMEstimator(n_components={sizes}) [{len(sizes)} layers, "
+               f"{model.n_paths_} paths, {model._path_search()} E-step]",
                f"Deep GMM {len(sizes)} layers", model._n_parameters(), model, wall, cpu,
                model.n_iter_, raw=sum(sizes) * (d * d + d) + model.n_paths_ - 1)
     return rows
@@ -132,7 +132,7 @@ def run_ablation(args):
         "# Deep GMM ablation on BSDS300 patches",
         "",
         f"Produced by `python benchmarks/bench_deep_gmm.py {' '.join(sys.argv[1:])}`; "
-        f"layer_sizes={sizes}, {args.n_train} train / {args.n_test} test patches (same "
+        f"n_components={sizes}, {args.n_train} train / {args.n_test} test patches (same "
         f"seeds as deep_gmm.md), max_iter={args.deep_max_iter}, dtype={args.dtype}, "
         "one thread on a shared machine.",
         "",

@@ -29,7 +29,7 @@ X = X / 16.0 + np.random.RandomState(0).uniform(0, 1 / 16.0, X.shape)  # dequant
 X_train, X_test = train_test_split(X, test_size=0.3, random_state=0)
 
 start = time.perf_counter()
-deep = DeepGMMEstimator(layer_sizes=(3, 8), reg_covar=1e-3, max_iter=30, random_state=0)
+deep = DeepGMMEstimator(n_components=(3, 8), reg_covar=1e-3, max_iter=30, random_state=0)
 deep.fit(X_train)
 deep_time = time.perf_counter() - start
 n_params = deep._n_parameters()

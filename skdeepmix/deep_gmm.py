@@ -4,41 +4,84 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import Optional
 
 import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from . import _gaussian as G
 from ._base import BaseDeepMixture
+from ._distributed import gradient_sync
+from ._docstrings import fill_doc
 from ._kmeans import assign_labels, kmeans
-from ._torch_utils import iter_row_chunks, to_numpy
-from ._train import make_optimizer, train_epoch, train_step
+from ._torch_utils import MEMORY_BUDGET, build_module, chunk_rows, iter_row_chunks, to_numpy
+from ._train import _check_training as check_training
+from ._train import make_optimizer, smoothed_converged, train_epoch, train_step
 from .nn.deep_gmm import (
     DeepGMM,
     accumulate_hard_statistics,
     accumulate_soft_statistics,
+    cluster_gaussians,
     empty_statistics,
+    init_from_clusters,
     m_step_layers,
 )
 
 __all__ = ["DeepGMMEstimator"]
 
-# elements of the largest temporary tensor of a chunk (~32 MiB in float64)
-_BUDGET = 2**22
+#: global rows per block of the E-step's random restarts (see _restart_paths)
+_RESTART_BLOCK = 4096
 
 
+@dataclass
+class _TrainingState:
+    """What training carries from one iteration to the next, besides ``module_``.
+
+    Attributes
+    ----------
+    paths : LongTensor of shape (n_local_rows,) or None
+        Flat index of the best path found for every training row of this
+        process by the last hard-EM E-step (the warm start of the
+        coordinate-ascent heuristic; None when the search is exhaustive).
+    optimizer : dict or None
+        ``state_dict()`` of the Adam optimizer (``algorithm='adam'`` and
+        ``partial_fit``).
+    last_loss : float or None
+        Mean loss of the last epoch (or ``partial_fit`` step): a loss far
+        above it means that training diverged, which one epoch cannot see
+        when it is a single batch.
+    """
+
+    paths: Optional[torch.Tensor] = None
+    optimizer: Optional[dict] = None
+    last_loss: Optional[float] = None
+
+
+@fill_doc(
+    tol=1e-3,
+    max_iter=100,
+    tol_meaning=(
+        "EM: the absolute change of the objective (mean per sample; the mean "
+        "best-path log joint density for 'hard_em', the mean log-likelihood for "
+        "'soft_em'); 'adam': the relative change of the epoch objective averaged "
+        "over 3 epochs."
+    ),
+    iteration="EM iterations (epochs for algorithm='adam')",
+)
 class DeepGMMEstimator(BaseDeepMixture):
     """Deep Gaussian mixture model (van den Oord & Schrauwen, NIPS 2014).
 
     Layers of square affine maps ``y -> A y + b``; layer ``j`` holds
-    ``layer_sizes[j]`` nodes. Every *path* (one node per layer) is a Gaussian
-    component ``N(beta_p, Omega_p Omega_p^T)`` with ``Omega_p`` the product of
-    the maps on the path and ``beta_p`` the mapped biases, so the model is a
-    GMM with ``prod(layer_sizes)`` tied components whose parameter count grows
-    like ``sum(layer_sizes)``. With one layer it is an ordinary full-covariance
-    GMM.
+    ``n_components[j]`` nodes. Every *path* (one node per layer) is a
+    Gaussian component ``N(beta_p, Omega_p Omega_p^T)`` with ``Omega_p`` the
+    product of the maps on the path and ``beta_p`` the mapped biases, so the
+    model is a GMM with ``prod(n_components)`` tied components whose parameter
+    count grows like ``sum(n_components)``. With one layer it is an ordinary
+    full-covariance GMM.
 
     Training follows the paper: hard EM where the E-step finds the best path
     of every sample (exhaustively when there are few paths, else by the
@@ -52,11 +95,12 @@ class DeepGMMEstimator(BaseDeepMixture):
 
     Parameters
     ----------
-    layer_sizes : tuple of int, default=(4, 4)
-        Nodes per layer, **from the data side**: ``layer_sizes[0]`` is the
-        layer next to the data (applied last when sampling), ``layer_sizes[-1]``
-        the layer next to the latent ``z ~ N(0, I)``. The number of paths
-        (components) is ``prod(layer_sizes)``.
+    n_components : int or tuple of int, default=(4, 4)
+        Nodes per layer, **from the data side**: ``n_components[0]`` is the
+        layer next to the data (applied last when sampling),
+        ``n_components[-1]`` the layer next to the latent ``z ~ N(0, I)``. An
+        int ``K`` is one layer: a full-covariance GMM with ``K`` components.
+        The model has ``prod(n_components)`` components (paths).
     algorithm : {'hard_em', 'soft_em', 'adam'}, default='hard_em'
         ``'hard_em'``: the paper's algorithm (best path per sample);
         ``'soft_em'``: EM with responsibilities over all paths (monotone in the
@@ -73,52 +117,46 @@ class DeepGMMEstimator(BaseDeepMixture):
         One weight per path, or a product of per-layer node weights.
     init_params : {'kmeans', 'kmeans_outer', 'random'}, default='kmeans'
         ``'kmeans'``: k-means clusters (means and covariances) for the
-        latent-side layer ``layer_sizes[-1]``, near-identity maps for the
+        latent-side layer ``n_components[-1]``, near-identity maps for the
         others (each path starts as a slightly perturbed copy of a k-means
         Gaussian). ``'kmeans_outer'``: k-means for the data-side layer, near
         identity maps in its whitened space for the inner layers.
-        ``'random'``: like ``'kmeans'`` with random data points as centres and
-        the global covariance.
+        ``'random'``: like ``'kmeans'`` with random data points as centres.
     init_noise : float, default=0.1
         Size of the random perturbation of the near-identity maps (relative;
         biases in units of the data standard deviation).
     reg_covar : float, default=1e-6
         Added to the diagonal of every node's input covariance in the M-step
         (with one layer this is exactly a GMM's ``reg_covar``).
+    prior_count : float, default=0.0
+        Weight, in samples, of a conjugate (Wishart) prior on the covariance
+        of every path, centred on the path's own per-feature variances: the
+        M-step adds ``prior_count`` times the diagonal of each path's
+        covariance to its scatter (seen by every layer through its outer
+        layers), a maximum a posteriori fit. With one layer, a component with
+        ``n`` samples gets the covariance ``Sigma + (prior_count / n)
+        diag(Sigma)``: components with few samples (fewer than features, say)
+        become well-conditioned, those with many barely move. ``0`` is
+        maximum likelihood, as in the paper.
     m_step_iter : int, default=50
         L-BFGS iterations per layer and M-step.
     learning_rate : float, default=1e-3
-        Adam step size (``algorithm='adam'``).
+        Adam step size (``algorithm='adam'`` and :meth:`partial_fit`).
     batch_size : int, default=256
         Mini-batch size (``algorithm='adam'``).
-    tol : float, default=1e-3
-        Convergence threshold on the change of the objective (mean per sample).
-    max_iter : int, default=100
-        EM iterations (epochs for ``'adam'``).
-    n_init : int, default=1
-        Number of initialisations; the best objective is kept.
-    random_state : int, RandomState instance or None, default=None
-    warm_start : bool, default=False
-    verbose : int, default=0
-    verbose_interval : int, default=10
-    device : {'auto', 'cpu', 'cuda', 'cuda:N'} or torch.device, default='auto'
-    dtype : {'float32', 'float64'} or None, default=None
-        Precision of the computation and of the fitted attributes. ``None``
-        uses the input's floating dtype (float32 stays float32, anything else
-        becomes float64), as scikit-learn does. The M-step statistics and
-        L-BFGS always run in float64.
-    chunk_size : int, default=None
-        Rows processed at once (``None``: bounded temporaries).
+    max_grad_norm : float or None, default=None
+        Clip the global gradient norm of the Adam steps (None: no clipping).
+    {shared_parameters}
 
     Attributes
     ----------
     module_ : skdeepmix.nn.deep_gmm.DeepGMM
         The fitted torch model.
-    transforms_ : list of ndarray of shape (layer_sizes[j], n_features, n_features)
+    transforms_ : list of ndarray of shape (n_components[j], n_features, n_features)
         The maps ``A`` of every layer (data side first).
-    biases_ : list of ndarray of shape (layer_sizes[j], n_features)
+    biases_ : list of ndarray of shape (n_components[j], n_features)
         The biases ``b`` of every layer.
-    path_weights_ : ndarray of shape layer_sizes
+    path_weights_ : ndarray of shape n_components
         Path probabilities ``pi_p`` (they sum to 1).
     n_paths_ : int
         Number of paths = components of the equivalent GMM.
@@ -126,21 +164,38 @@ class DeepGMMEstimator(BaseDeepMixture):
     n_iter_ : int
     lower_bound_ : float
         Objective of the best run at its last iteration: mean best-path log
-        joint density (``'hard_em'``) or mean log-likelihood.
+        joint density (``'hard_em'``) or mean log-likelihood, both of the
+        model before that iteration's M-step.
     lower_bounds_ : list of float
     history_ : list of dict
-        Per iteration: ``objective`` and, for ``'hard_em'``, ``switch_rate``
-        (fraction of samples whose random restart found a better path).
+        Per iteration: ``objective`` and, for the heuristic E-step,
+        ``switch_rate`` (fraction of samples whose random restart found a
+        better path).
+    n_steps_ : int
+        Number of :meth:`partial_fit` calls since the last initialisation.
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (n_features_in_,)
 
     Notes
     -----
-    ``predict`` returns the flat index (C order over ``layer_sizes``) of each
-    sample's most likely path and ``predict_proba`` the posterior over all
-    paths; :meth:`path_nodes` turns flat indices into node indices. The exact
-    density sums over all paths (``n * d^2 * (N_0 + N_0 N_1 + ...)``
+    ``predict`` returns the flat index (C order over ``n_components``) of
+    each sample's most likely path and ``predict_proba`` the posterior over
+    all paths; :meth:`path_nodes` turns flat indices into node indices. The
+    exact density sums over all paths (``n * d^2 * (N_0 + N_0 N_1 + ...)``
     operations, shared partial inversions), chunked over samples and paths.
+
+    What training carries between iterations besides ``module_`` (the
+    heuristic's previous paths, Adam's state) is the private fitted attribute
+    ``_training_state``; it is part of the snapshots of ``n_init`` and is
+    what ``warm_start`` continues from.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``, each process passing its
+    shard of the rows), EM is exact: the k-means initialisation, the path
+    counts, the M-step statistics and the objective are summed over the
+    processes, and the heuristic's random restarts are drawn per global row,
+    so every process holds the same model. ``algorithm='adam'`` and
+    :meth:`partial_fit` average the gradients over the processes (the
+    semantics of ``DistributedDataParallel``).
 
     References
     ----------
@@ -150,10 +205,10 @@ class DeepGMMEstimator(BaseDeepMixture):
     Examples
     --------
     >>> import numpy as np
-    >>> from skdeepmix.deep_gmm import DeepGMMEstimator
+    >>> from skdeepmix import DeepGMMEstimator
     >>> rng = np.random.RandomState(0)
     >>> X = np.concatenate([rng.randn(100, 2), rng.randn(100, 2) + 5])
-    >>> dgmm = DeepGMMEstimator(layer_sizes=(2, 2), random_state=0).fit(X)
+    >>> dgmm = DeepGMMEstimator(n_components=(2, 2), random_state=0).fit(X)
     >>> dgmm.n_paths_
     4
     >>> dgmm.score_samples(X).shape
@@ -165,7 +220,7 @@ class DeepGMMEstimator(BaseDeepMixture):
 
     _parameter_constraints: dict = {
         **BaseDeepMixture._parameter_constraints,
-        "layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
+        "n_components": ["array-like", Interval(Integral, 1, None, closed="left")],
         "algorithm": [StrOptions({"hard_em", "soft_em", "adam"})],
         "path_search": [StrOptions({"auto", "heuristic", "exhaustive"})],
         "n_restart_passes": [Interval(Integral, 0, None, closed="left")],
@@ -173,16 +228,16 @@ class DeepGMMEstimator(BaseDeepMixture):
         "init_params": [StrOptions({"kmeans", "kmeans_outer", "random"})],
         "init_noise": [Interval(Real, 0.0, None, closed="left")],
         "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "prior_count": [Interval(Real, 0.0, None, closed="left")],
         "m_step_iter": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0.0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
-        "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
+        "max_grad_norm": [Interval(Real, 0.0, None, closed="neither"), None],
     }
 
     def __init__(
         self,
-        layer_sizes=(4, 4),
+        n_components=(4, 4),
         *,
         algorithm="hard_em",
         path_search="auto",
@@ -191,9 +246,11 @@ class DeepGMMEstimator(BaseDeepMixture):
         init_params="kmeans",
         init_noise=0.1,
         reg_covar=1e-6,
+        prior_count=0.0,
         m_step_iter=50,
         learning_rate=1e-3,
         batch_size=256,
+        max_grad_norm=None,
         tol=1e-3,
         max_iter=100,
         n_init=1,
@@ -205,7 +262,19 @@ class DeepGMMEstimator(BaseDeepMixture):
         dtype=None,
         chunk_size=None,
     ):
-        self.layer_sizes = layer_sizes
+        super().__init__(
+            tol=tol,
+            max_iter=max_iter,
+            n_init=n_init,
+            random_state=random_state,
+            warm_start=warm_start,
+            verbose=verbose,
+            verbose_interval=verbose_interval,
+            device=device,
+            dtype=dtype,
+            chunk_size=chunk_size,
+        )
+        self.n_components = n_components
         self.algorithm = algorithm
         self.path_search = path_search
         self.n_restart_passes = n_restart_passes
@@ -213,23 +282,20 @@ class DeepGMMEstimator(BaseDeepMixture):
         self.init_params = init_params
         self.init_noise = init_noise
         self.reg_covar = reg_covar
+        self.prior_count = prior_count
         self.m_step_iter = m_step_iter
         self.learning_rate = learning_rate
         self.batch_size = batch_size
-        self.tol = tol
-        self.max_iter = max_iter
-        self.n_init = n_init
-        self.random_state = random_state
-        self.warm_start = warm_start
-        self.verbose = verbose
-        self.verbose_interval = verbose_interval
-        self.device = device
-        self.dtype = dtype
-        self.chunk_size = chunk_size
+        self.max_grad_norm = max_grad_norm
+
+    @property
+    def _distributed_mode(self):
+        """EM all-reduces its statistics ('exact'); Adam averages gradients."""
+        return "gradients" if self.algorithm == "adam" else "exact"
 
     # ------------------------------------------------------------ validation
     def _layer_sizes(self):
-        sizes = self.layer_sizes
+        sizes = self.n_components
         if isinstance(sizes, (Integral, np.integer)):
             sizes = (sizes,)
         try:
@@ -243,241 +309,228 @@ class DeepGMMEstimator(BaseDeepMixture):
             or min(sizes) < 1
         ):
             raise ValueError(
-                "layer_sizes must be a non-empty sequence of positive integers (nodes "
-                f"per layer, data side first), got {self.layer_sizes!r}."
+                "n_components must be a positive int or a non-empty sequence of positive "
+                f"ints (nodes per layer, data side first), got {self.n_components!r}."
             )
         return tuple(int(n) for n in sizes)
 
-    def _check_parameters(self, X):
+    def _check_parameters(self, X, ctx):
         sizes = self._layer_sizes()
-        n_samples = X.shape[0]
         init_size = sizes[0] if self.init_params == "kmeans_outer" else sizes[-1]
-        if n_samples < init_size:
+        if ctx.partition.n_total < init_size:
             raise ValueError(
                 f"Expected n_samples >= the number of nodes of the initialised layer "
                 f"({init_size}, init_params={self.init_params!r}) but got "
-                f"n_samples = {n_samples}."
+                f"n_samples = {ctx.partition.n_total}."
             )
 
-    def _hard_search(self):
+    def _path_search(self):
         """'exhaustive' or 'heuristic' for the hard-EM E-step."""
         if self.path_search != "auto":
             return self.path_search
         sizes = self._layer_sizes()
         k = len(sizes)
         exhaustive = sum(math.prod(sizes[: j + 1]) for j in range(k))
-        heuristic = (1 + self.n_restart_passes) * sum(
-            sizes[j] * (k - j) for j in range(k)
-        )
+        heuristic = (1 + self.n_restart_passes) * sum(sizes[j] * (k - j) for j in range(k))
         return "exhaustive" if exhaustive <= heuristic else "heuristic"
 
     def _work_per_row(self):
-        return math.prod(self._layer_sizes()) * 4 + 8 * self.n_features_in_
+        """Values per row of the exact density: the partial inversions of every
+        path prefix and the (row, path) table."""
+        sizes, d = self._layer_sizes(), self.n_features_in_
+        prefixes = sum(math.prod(sizes[: j + 1]) for j in range(len(sizes)))
+        return math.prod(sizes) + d * prefixes + (d + 1) ** 2
 
-    def _chunk_rows(self, per_row):
-        if self.chunk_size is not None:
-            return int(self.chunk_size)
-        return int(min(max(_BUDGET // max(per_row, 1), 64), 2**16))
+    def _train_chunk_rows(self):
+        """Rows per chunk of a training pass (the heuristic needs less than the
+        exact density)."""
+        if self.algorithm == "hard_em" and self._path_search() == "heuristic":
+            d = self.n_features_in_
+            return chunk_rows(3 * max(self._layer_sizes()) * d + (d + 1) ** 2, self.chunk_size)
+        return self._rows_per_chunk()
 
     # -------------------------------------------------------- initialisation
-    def _initialize(self, X, generator, y=None):
+    def _initialize(self, X, ctx):
         sizes = self._layer_sizes()
-        n_samples, d = X.shape
-        module = DeepGMM(sizes, d, path_weights=self.path_weights, dtype=X.dtype,
-                         device=X.device)
-        std = X.std(0).clamp_min(1e-12) if n_samples > 1 else torch.ones_like(X[0])
-        data_layer = 0 if self.init_params == "kmeans_outer" else len(sizes) - 1
-        K = sizes[data_layer]
-        # the data-driven layer: Gaussians of k-means clusters (or random points)
+        partition, generator = ctx.partition, ctx.generator
+        layer = 0 if self.init_params == "kmeans_outer" else len(sizes) - 1
+        K, d = sizes[layer], X.shape[1]
+        chunk = chunk_rows(K + d, self.chunk_size)
         if self.init_params == "random":
-            idx = torch.randperm(n_samples, generator=generator, device=X.device)[:K]
-            labels, _ = assign_labels(X, X[idx], chunk_size=self._chunk_rows(K + d))
+            index = torch.randperm(partition.n_total, generator=generator,
+                                   device=generator.device)[:K]
+            centers = partition.rows(X, index.to(X.device))
+            labels, _ = assign_labels(X, centers, chunk, shift=centers.mean(0))
         else:
-            _, labels = kmeans(X, K, generator, max_iter=100,
-                               chunk_size=self._chunk_rows(K + d))
-        A, b = _cluster_gaussians(X, labels, K, self.reg_covar)
-        mean = X.mean(0)
-        # the other layers: near-identity perturbations
-        noise = self.init_noise
-        layers = []
-        for j, N in enumerate(sizes):
-            if j == data_layer:
-                layers.append((A, b))
-                continue
-            eye = torch.eye(d, dtype=X.dtype, device=X.device)
-            pert = torch.randn(N, d, d, generator=generator, device=X.device, dtype=X.dtype)
-            Aj = eye + noise * pert / math.sqrt(d)
-            bj = noise * torch.randn(N, d, generator=generator, device=X.device, dtype=X.dtype)
-            if data_layer == len(sizes) - 1:
-                # outer layers act in data units, around the data mean
-                bj = bj * std + mean - (Aj @ mean.unsqueeze(-1)).squeeze(-1)
-            layers.append((Aj, bj))
-        for j, (Aj, bj) in enumerate(layers):
-            module.set_generative_parameters(j, Aj, bj)
-        self.module_ = module
-        self._centers = [X.mean(0)] + [X.new_zeros(d)] * (len(sizes) - 1)
-        self._paths = None
-        self._optimizer = None
-        if self.algorithm == "hard_em":
-            self._paths, _, _ = self._hard_e_step(X, generator)
+            centers, labels = kmeans(X, K, generator, max_iter=100, chunk_size=chunk,
+                                     partition=partition)
+        A, b, mean, std = cluster_gaussians(X, labels, centers, self.reg_covar, chunk, partition)
+        self.module_ = build_module(
+            lambda: DeepGMM(sizes, d, path_weights=self.path_weights), generator,
+            ctx.device, ctx.dtype,
+        )
+        init_from_clusters(self.module_, A, b, layer, mean, std, self.init_noise, generator)
+        self.module_.requires_grad_(False)
+        self._training_state = _TrainingState()
 
-    # ------------------------------------------------------------------- EM
-    def _fit_iteration(self, X, generator, y=None):
+    # ------------------------------------------------------------ iterations
+    def _fit_iteration(self, X, ctx):
         if self.algorithm == "adam":
-            return self._adam_epoch(X, generator)
+            return self._adam_epoch(X, ctx)
         if self.algorithm == "soft_em":
-            return self._soft_em_iteration(X)
-        return self._hard_em_iteration(X, generator)
+            return self._soft_em_iteration(X, ctx)
+        return self._hard_em_iteration(X, ctx)
 
-    def _hard_em_iteration(self, X, generator):
-        """M-step from the current paths, then E-step; returns the hard objective."""
-        module = self.module_
-        if getattr(self, "_paths", None) is None or self._paths.shape[0] != X.shape[0]:
-            self._paths, _, _ = self._hard_e_step(X, generator)
-        paths = self._paths
-        # path weights: the counts (MLE of the hard objective)
-        flat = module.flat_index(paths)
-        if self.path_weights == "full":
-            counts = torch.bincount(flat, minlength=module.n_paths).to(X.dtype)
-            module.set_log_path_weights((counts / counts.sum()).log())
-        else:
-            module.set_log_path_weights([
-                (torch.bincount(paths[:, j], minlength=n).to(X.dtype) / X.shape[0]).log()
-                for j, n in enumerate(module.layer_sizes)
-            ])
-        stats = empty_statistics(module)
-        per_row = (module.n_features + 1) ** 2 + max(module.layer_sizes) * module.n_features
-        for rows in iter_row_chunks(X.shape[0], self._chunk_rows(per_row)):
-            accumulate_hard_statistics(module, X[rows], paths[rows], self._centers, stats)
-        m_step_layers(module, stats, self._centers, self.reg_covar, self.m_step_iter)
-        self._paths, objective, switch_rate = self._hard_e_step(X, generator, paths)
-        return {"objective": objective, "switch_rate": switch_rate}
+    def _converged(self, objectives):
+        if self.algorithm == "adam":
+            return smoothed_converged(objectives, self.tol)
+        return super()._converged(objectives)
 
-    @torch.no_grad()
-    def _hard_e_step(self, X, generator, previous=None):
-        """Best path of every row; returns ``(paths, mean score, switch rate)``."""
-        module = self.module_
-        n, k = X.shape[0], module.n_layers
-        paths = torch.empty(n, k, dtype=torch.long, device=X.device)
-        total, switched = 0.0, 0
-        if self._hard_search() == "exhaustive":
-            per_row = module.n_paths * 2 + module.n_features
-            for rows in iter_row_chunks(n, self._chunk_rows(per_row)):
-                values, flat = module.log_joint(X[rows], _BUDGET).max(1)
-                paths[rows] = module.unflatten_index(flat)
-                total += float(values.sum())
-            return paths, total / n, 0.0
-        per_row = max(module.layer_sizes) * module.n_features * 3
-        log_w = module.log_path_weights().reshape(-1)
-        for rows in iter_row_chunks(n, self._chunk_rows(per_row)):
-            m = rows.stop - rows.start
-            start = module.unflatten_index(
-                torch.multinomial(log_w.exp(), m, replacement=True, generator=generator)
-            )
-            if previous is None:
-                best, best_score = module.coordinate_ascent(X[rows], start,
-                                                            1 + self.n_restart_passes)
+    def _hard_em_iteration(self, X, ctx):
+        """E-step (best path of every row), statistics, M-step.
+
+        Returns the mean best-path log joint density of the model before the
+        M-step (the hard-EM objective, summed over the processes). The
+        statistics take a second pass over larger chunks than the E-step's
+        (they need ``d + 1`` values per row, not one per path), so that their
+        products per (node, inner path) are large.
+        """
+        module, state, partition = self.module_, self._training_state, ctx.partition
+        heuristic = self._path_search() == "heuristic"
+        n = X.shape[0]
+        previous = state.paths
+        if previous is not None and previous.shape[0] != n:
+            previous = None  # warm start on other data: search afresh
+        if heuristic:  # one seed, the same on every process
+            seed = int(torch.randint(2**62, (1,), generator=ctx.generator,
+                                     device=ctx.generator.device))
+        best = torch.empty(n, dtype=torch.long, device=X.device)
+        counts = torch.zeros(module.n_paths, dtype=torch.float64, device=X.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=X.device)  # objective, switches
+        for rows in iter_row_chunks(n, self._train_chunk_rows()):
+            if heuristic:
+                start = _restart_paths(module, seed, partition.offset + rows.start,
+                                       partition.offset + rows.stop, X.device)
+                warm = None if previous is None else module.unflatten_index(
+                    previous[rows].to(X.device))
+                paths, score, switched = module.best_paths(X[rows], warm, start,
+                                                           self.n_restart_passes)
+                best[rows] = module.flat_index(paths)
+                sums[1] += switched
             else:
-                best, best_score = module.coordinate_ascent(X[rows], previous[rows], 1)
-                if self.n_restart_passes > 0:
-                    other, other_score = module.coordinate_ascent(
-                        X[rows], start, self.n_restart_passes
-                    )
-                    better = other_score > best_score
-                    switched += int(better.sum())
-                    best = torch.where(better[:, None], other, best)
-                    best_score = torch.maximum(best_score, other_score)
-            paths[rows] = best
-            total += float(best_score.sum())
-        return paths, total / n, switched / n
+                score, best[rows] = module.log_joint(X[rows], MEMORY_BUDGET).max(1)
+            sums[0] += score.sum()
+        counts += torch.bincount(best, minlength=module.n_paths)
+        centers = module.statistics_centers()
+        stats = empty_statistics(module)
+        d = X.shape[1]
+        for rows in iter_row_chunks(n, chunk_rows(4 * (d + 1), self.chunk_size)):
+            paths = module.unflatten_index(best[rows])
+            accumulate_hard_statistics(module, X[rows], paths, centers, stats)
+        partition.sum(*stats, counts, sums)
+        module.set_path_weights_from_counts(counts)
+        m_step_layers(module, stats, centers, self.reg_covar, self.m_step_iter,
+                      self.prior_count)
+        state.paths = best if heuristic else None
+        objective, switched = (sums / partition.n_total).tolist()
+        return {"objective": objective, **({"switch_rate": switched} if heuristic else {})}
 
-    def _soft_em_iteration(self, X):
-        """E-step (responsibilities over all paths) then M-step; returns the
-        E-step's mean log-likelihood."""
+    def _soft_em_iteration(self, X, ctx):
+        """E-step (responsibilities over all paths, statistics), then M-step;
+        returns the mean log-likelihood of the model before the M-step."""
         module = self.module_
+        centers = module.statistics_centers()
         stats = empty_statistics(module)
         resp_sum = torch.zeros(module.n_paths, dtype=torch.float64, device=X.device)
-        total = 0.0
-        per_row = module.n_paths * (module.n_features + 3)
-        for rows in iter_row_chunks(X.shape[0], self._chunk_rows(per_row)):
-            log_prob, rs = accumulate_soft_statistics(module, X[rows], self._centers, stats,
-                                                      _BUDGET)
+        total = torch.zeros(1, dtype=torch.float64, device=X.device)
+        for rows in iter_row_chunks(X.shape[0], self._train_chunk_rows()):
+            log_prob, rs = accumulate_soft_statistics(module, X[rows], centers, stats,
+                                                      MEMORY_BUDGET)
             resp_sum += rs
-            total += float(log_prob.sum())
-        resp_sum = resp_sum.to(X.dtype).reshape(module.layer_sizes)
-        if self.path_weights == "full":
-            module.set_log_path_weights((resp_sum / resp_sum.sum()).log())
-        else:
-            k = module.n_layers
-            module.set_log_path_weights([
-                (resp_sum.sum(tuple(l for l in range(k) if l != j)) / X.shape[0]).log()
-                for j in range(k)
-            ])
-        m_step_layers(module, stats, self._centers, self.reg_covar, self.m_step_iter)
-        return total / X.shape[0]
+            total += log_prob.sum()
+        ctx.partition.sum(*stats, resp_sum, total)
+        module.set_path_weights_from_counts(resp_sum)
+        m_step_layers(module, stats, centers, self.reg_covar, self.m_step_iter,
+                      self.prior_count)
+        return float(total) / ctx.partition.n_total
 
-    def _adam_epoch(self, X, generator):
-        module = self.module_
+    def _optimizer(self):
+        """Adam on the module's parameters, with the state of the last step."""
+        optimizer = make_optimizer("adam", self.module_.parameters(), self.learning_rate)
+        if self._training_state.optimizer is not None:
+            optimizer.load_state_dict(self._training_state.optimizer)
+        return optimizer
+
+    def _gradient_steps(self, run, phase):
+        """Run ``run(loss_fn, optimizer)`` with gradients on; keep Adam's state.
+
+        Raises :class:`~skdeepmix.TrainingDivergedError` when the loss blew up
+        since the last call (the check of :mod:`~skdeepmix._train`, across
+        epochs).
+        """
+        module, state = self.module_, self._training_state
+        optimizer = self._optimizer()
         module.requires_grad_(True)
-        if getattr(self, "_optimizer", None) is None:
-            self._optimizer = make_optimizer("adam", module.parameters(), self.learning_rate)
-
-        def loss_fn(batch):
-            return -module(batch).mean()
-
-        with torch.enable_grad():
-            loss = train_epoch(loss_fn, self._optimizer, X, self.batch_size, generator)
+        try:
+            with torch.enable_grad():
+                loss = run(lambda batch: -module(batch), optimizer)
+        finally:
+            module.requires_grad_(False)
+        previous = loss if state.last_loss is None else state.last_loss
+        check_training(optimizer, loss, previous, phase, type(self).__name__)
+        state.optimizer, state.last_loss = optimizer.state_dict(), loss
         return -loss
 
-    def _partial_fit_step(self, X, generator, y=None):
+    def _adam_epoch(self, X, ctx):
+        """One epoch of Adam on the exact log-likelihood (per-sample losses)."""
+        return self._gradient_steps(lambda loss_fn, optimizer: train_epoch(
+            loss_fn, optimizer, X, ctx, batch_size=self.batch_size, phase="training",
+            max_grad_norm=self.max_grad_norm, owner=type(self).__name__,
+        ), "training")
+
+    def _partial_fit_step(self, X, ctx):
         """One Adam step on the exact log-likelihood of the batch ``X``.
 
-        ``partial_fit`` always makes gradient steps (as ``algorithm='adam'``, with
-        ``learning_rate``), whatever ``algorithm``: the layer-wise M-step needs
-        the statistics of the whole data set. Returns the batch's mean
-        log-likelihood before the step.
+        ``partial_fit`` always makes gradient steps (with ``learning_rate``),
+        whatever ``algorithm``: the layer-wise M-step needs the statistics of
+        the whole data set. Under torch.distributed the gradients are
+        averaged over the processes. Returns the batch's mean log-likelihood
+        before the step.
         """
-        module = self.module_
-        module.requires_grad_(True)
-        if getattr(self, "_optimizer", None) is None:
-            self._optimizer = make_optimizer("adam", module.parameters(), self.learning_rate)
-        with torch.enable_grad():
-            loss = train_step(lambda batch: -module(batch).mean(), self._optimizer, X)
-        module.requires_grad_(False)
+        with gradient_sync(True):
+            objective = self._gradient_steps(lambda loss_fn, optimizer: train_step(
+                loss_fn, optimizer, X, ctx, max_grad_norm=self.max_grad_norm,
+                owner=type(self).__name__,
+            ), "partial_fit")
         self._update_attributes()
-        return -loss
+        return objective
 
     # ------------------------------------------------------- state handling
     def _get_state(self):
-        return copy.deepcopy(self.module_.state_dict())
+        state = self._training_state
+        return {
+            "module": copy.deepcopy(self.module_.state_dict()),
+            "paths": None if state.paths is None else state.paths.clone(),
+            "optimizer": copy.deepcopy(state.optimizer),
+            "last_loss": state.last_loss,
+        }
 
     def _set_state(self, state):
-        self.module_.load_state_dict(state)
+        self.module_.load_state_dict(state["module"])
+        self._training_state = _TrainingState(
+            paths=state["paths"], optimizer=copy.deepcopy(state["optimizer"]),
+            last_loss=state["last_loss"],
+        )
         self._update_attributes()
 
     def _update_attributes(self):
         module = self.module_
-        transforms, biases = [], []
         with torch.no_grad():
-            for j in range(module.n_layers):
-                A, b = module.generative_parameters(j)
-                transforms.append(to_numpy(A))
-                biases.append(to_numpy(b))
+            maps = [module.generative_parameters(j) for j in range(module.n_layers)]
             self.path_weights_ = to_numpy(module.log_path_weights().exp())
-        self.transforms_ = transforms
-        self.biases_ = biases
+        self.transforms_ = [to_numpy(A) for A, _ in maps]
+        self.biases_ = [to_numpy(b) for _, b in maps]
         self.n_paths_ = module.n_paths
-
-    def _finalize_fit(self, X, y=None):
-        self._paths = None
-        self._optimizer = None
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_optimizer", None)  # refers to the parameters; rebuilt when needed
-        state.pop("_paths", None)
-        return state
-        self.module_.requires_grad_(False)
 
     def _prepare_inference(self, device):
         if self.module_.inv_weight[0].device != device:
@@ -485,11 +538,10 @@ class DeepGMMEstimator(BaseDeepMixture):
 
     # ------------------------------------------------------------ inference
     def _estimate_weighted_log_prob(self, X):
-        return self.module_.log_joint(X.to(self.module_.inv_weight[0].dtype), _BUDGET)
+        return self.module_.log_joint(X, MEMORY_BUDGET)
 
     def _sample(self, n_samples, generator):
-        X, labels = self.module_.sample(n_samples, generator)
-        return X.to(self._torch_dtype()), labels
+        return self.module_.sample(n_samples, generator)
 
     def path_nodes(self, labels):
         """Node index in every layer of flat path indices (as from ``predict``).
@@ -521,8 +573,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         """
         sizes = self._layer_sizes()
         d = self.n_features_in_
-        n_nodes = sum(sizes)
-        count = n_nodes * (d * d + d) - (len(sizes) - 1) * (d * d + d)
+        count = sum(sizes) * (d * d + d) - (len(sizes) - 1) * (d * d + d)
         count -= sizes[-1] * d * (d - 1) // 2
         if self.path_weights == "full":
             count += math.prod(sizes) - 1
@@ -545,10 +596,8 @@ class DeepGMMEstimator(BaseDeepMixture):
 
         Returns
         -------
-        gmm : skdeepmix.gaussian_mixture.GaussianMixture
+        gmm : skdeepmix.GaussianMixture
         """
-        from scipy import linalg
-
         from .gaussian_mixture import GaussianMixture
 
         check_is_fitted(self)
@@ -561,33 +610,20 @@ class DeepGMMEstimator(BaseDeepMixture):
             )
         module = copy.deepcopy(self.module_).cpu().to(torch.float64)
         weights, means, factors = module.shallow_parameters()
-        weights = to_numpy(weights)
-        weights = np.maximum(weights, np.finfo(np.float64).tiny)
-        weights = weights / weights.sum()
-        means = to_numpy(means)
-        covariances = to_numpy(factors @ factors.transpose(-1, -2))
-        covariances = 0.5 * (covariances + covariances.transpose(0, 2, 1))
-        precisions_cholesky = np.empty_like(covariances)
-        for k, cov in enumerate(covariances):
-            cov_chol = linalg.cholesky(cov, lower=True)
-            precisions_cholesky[k] = linalg.solve_triangular(
-                cov_chol, np.eye(d), lower=True
-            ).T
+        weights = weights.clamp_min(torch.finfo(torch.float64).tiny)
+        covariances = factors @ factors.transpose(-1, -2)
+        covariances = 0.5 * (covariances + covariances.transpose(-1, -2))
+        chol = G.precision_cholesky_from_covariances(covariances, "full")
         gmm = GaussianMixture(
-            n_components=self.n_paths_,
-            covariance_type="full",
-            reg_covar=self.reg_covar,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            random_state=self.random_state,
-            device=self.device,
-            dtype=self.dtype,
+            n_components=self.n_paths_, covariance_type="full", reg_covar=self.reg_covar,
+            tol=self.tol, max_iter=self.max_iter, random_state=self.random_state,
+            device=self.device, dtype=self.dtype,
         )
-        gmm.weights_ = weights
-        gmm.means_ = means
-        gmm.covariances_ = covariances
-        gmm.precisions_cholesky_ = precisions_cholesky
-        gmm.precisions_ = precisions_cholesky @ precisions_cholesky.transpose(0, 2, 1)
+        gmm.weights_ = to_numpy(weights / weights.sum())
+        gmm.means_ = to_numpy(means)
+        gmm.covariances_ = to_numpy(covariances)
+        gmm.precisions_cholesky_ = to_numpy(chol)
+        gmm.precisions_ = to_numpy(G.precisions_from_cholesky(chol, "full"))
         gmm.n_features_in_ = d
         if hasattr(self, "feature_names_in_"):
             gmm.feature_names_in_ = self.feature_names_in_
@@ -598,33 +634,20 @@ class DeepGMMEstimator(BaseDeepMixture):
         return gmm
 
 
-def _cluster_gaussians(X, labels, K, reg_covar):
-    """Means and covariance Cholesky factors of labelled clusters.
+def _restart_paths(module, seed, start, stop, device):
+    """Random starting paths of the global rows ``[start, stop)``.
 
-    Empty or tiny clusters get the global covariance. Returns ``(A, b)`` with
-    ``A A^T`` the covariance (+ ``reg_covar``) and ``b`` the mean.
+    Drawn from the path weights with one generator per block of
+    ``_RESTART_BLOCK`` global rows (seeded by ``seed + block``), so that a
+    row's draw depends neither on the chunking nor on the sharding of a
+    distributed fit. Returns node indices of shape (stop - start, n_layers).
     """
-    n, d = X.shape
-    eye = torch.eye(d, dtype=X.dtype, device=X.device)
-    global_mean = X.mean(0)
-    Xc = X - global_mean
-    global_cov = Xc.T @ Xc / max(n - 1, 1)
-    A = torch.empty(K, d, d, dtype=X.dtype, device=X.device)
-    b = torch.empty(K, d, dtype=X.dtype, device=X.device)
-    for k in range(K):
-        members = X[labels == k]
-        if members.shape[0] == 0:
-            mean, cov = global_mean, global_cov
-        else:
-            mean = members.mean(0)
-            diff = members - mean
-            cov = diff.T @ diff / members.shape[0]
-            if members.shape[0] <= d:
-                cov = cov + global_cov * (1.0 / members.shape[0])
-        cov = 0.5 * (cov + cov.T) + reg_covar * eye
-        L, info = torch.linalg.cholesky_ex(cov)
-        if int(info) > 0:
-            scale = float(torch.diagonal(cov).mean().clamp_min(1e-12))
-            L = torch.linalg.cholesky(cov + 1e-6 * scale * eye)
-        A[k], b[k] = L, mean
-    return A, b
+    probs = module.log_path_weights().reshape(-1).exp()
+    parts = []
+    for block in range(start // _RESTART_BLOCK, (stop - 1) // _RESTART_BLOCK + 1):
+        first = block * _RESTART_BLOCK
+        generator = torch.Generator(device=device)
+        generator.manual_seed((seed + block) % 2**63)
+        flat = torch.multinomial(probs, _RESTART_BLOCK, replacement=True, generator=generator)
+        parts.append(flat[max(start, first) - first : min(stop, first + _RESTART_BLOCK) - first])
+    return module.unflatten_index(torch.cat(parts))

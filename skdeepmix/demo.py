@@ -67,7 +67,7 @@ _DEEP_MODELS = [
     ("CPMMEstimator (10 trajectories × 25)", "skdeepmix.cpmm", "CPMMEstimator",
      {"n_components": 10}),
     ("DeepGMMEstimator (layers 3×8 = 24 paths)", "skdeepmix.deep_gmm",
-     "DeepGMMEstimator", {"layer_sizes": (3, 8), "reg_covar": 1e-2}),
+     "DeepGMMEstimator", {"n_components": (3, 8), "reg_covar": 1e-2}),
     ("DCGMMEstimator F(3,1)-G(25)-F-G(25) [top-G ll]", "skdeepmix.dcgmm", "DCGMMEstimator",
      {"layers": "F(3,1)-G(25)-F-G(25)", "image_shape": (8, 8), "max_iter": 30}),
     ("GMVAEDPGMM (truncation 20) [IW estimate]", "skdeepmix.gmvae_dpgmm", "GMVAEDPGMM",

@@ -22,6 +22,7 @@ from skdeepmix.nn.deep_gmm import (
     lbfgs_maximize,
     m_step_layers,
     m_step_objective,
+    prior_scatter,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -152,6 +153,17 @@ def test_m_step_objective_is_the_folded_log_likelihood():
                                rtol=1e-12)
 
 
+def test_hessian_apply_and_preconditioner():
+    obj, X, *_ = _random_objective(B=3, U=4, d=3, seed=2)
+    naive = torch.einsum("uab,mbc,mucd->mad", obj.omega, X, obj.gamma)
+    np.testing.assert_allclose(obj.hessian_apply(X).numpy(), naive.numpy(), rtol=1e-12)
+    # with one inner path the preconditioner inverts the per-sample Hessian exactly
+    one, X1, *_ = _random_objective(B=2, U=1, d=3, seed=4)
+    precondition = one.preconditioner()
+    back = precondition(one.hessian_apply(X1) / one.counts[:, None, None])
+    np.testing.assert_allclose(back.numpy(), X1.numpy(), rtol=1e-10)
+
+
 def test_lbfgs_reaches_stationary_point_and_never_decreases():
     obj, X0, *_ = _random_objective(B=4, U=2, d=4, seed=3)
     f0 = obj.value(X0, obj.hessian_apply(X0))
@@ -180,6 +192,53 @@ def test_one_layer_soft_m_step_is_the_gmm_m_step():
         cov = (resp[:, k, None] * diff).T @ diff / nk + reg * np.eye(2)
         np.testing.assert_allclose(b[k].numpy(), mean, rtol=1e-10)
         np.testing.assert_allclose((A[k] @ A[k].T).numpy(), cov, rtol=1e-10)
+
+
+def test_one_layer_prior_is_the_conjugate_map_update():
+    model = _random_model((3,), 2)
+    X = torch.as_tensor(_blobs(100), dtype=torch.float64)
+    log_joint = model.log_joint(X)
+    resp = (log_joint - log_joint.logsumexp(1, keepdim=True)).exp().numpy()
+    centers = [X.mean(0)]
+    stats = empty_statistics(model)
+    accumulate_soft_statistics(model, X, centers, stats)
+    tau = 7.0
+    m_step_layers(model, stats, centers, 0.0, prior_count=tau)
+    A, b = model.generative_parameters(0)
+    Xn = X.numpy()
+    nk = resp.sum(0)
+    means = resp.T @ Xn / nk[:, None]
+    for k in range(3):  # means kept, covariances inflated by their own variances
+        cov = (resp[:, k, None] * (Xn - means[k])).T @ (Xn - means[k]) / nk[k]
+        np.testing.assert_allclose(b[k].numpy(), means[k], rtol=1e-10)
+        expected = cov + tau / nk[k] * np.diag(np.diag(cov))
+        np.testing.assert_allclose((A[k] @ A[k].T).numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_prior_scatter_is_the_data_space_scatter_of_every_path():
+    model = _random_model((2, 3, 2), 3)
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(12, 3, 3, generator=gen, dtype=torch.float64)
+    psi = B @ B.transpose(-1, -2)  # one matrix per path, flat C order
+    W0, W1 = model.inv_weight[0], model.inv_weight[1]
+    P = prior_scatter(model, 2, psi)
+    assert P.shape == (2, 1, 3, 3)
+    for c in range(2):
+        expected = sum(W1[b] @ W0[a] @ psi[a * 6 + b * 2 + c] @ W0[a].T @ W1[b].T
+                       for a in range(2) for b in range(3))
+        np.testing.assert_allclose(P[c, 0].numpy(), expected.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(prior_scatter(model, 0, psi).numpy(),
+                               psi.reshape(2, 6, 3, 3).numpy())
+
+
+def test_prior_keeps_a_deep_fit_on_few_samples_sane():
+    rng = np.random.RandomState(0)
+    X = rng.randn(120, 6) @ rng.randn(6, 6)  # 120 samples for 16 paths in 6-D
+    plain = DeepGMMEstimator((2, 2, 4), random_state=0, max_iter=40).fit(X[:80])
+    prior = DeepGMMEstimator((2, 2, 4), prior_count=8.0, random_state=0, max_iter=40).fit(X[:80])
+    assert prior.score(X[80:]) > plain.score(X[80:]) + 1.0
+    for A in prior.transforms_:  # no drift along the gauge between layers
+        assert np.linalg.svd(A, compute_uv=False).max() < 1e3
 
 
 def test_hard_m_step_gain_equals_log_likelihood_gain():
@@ -278,9 +337,7 @@ def test_deep_beats_single_gaussian_and_heuristic_close_to_exhaustive():
 def test_adam_improves_log_likelihood():
     X = _blobs(100)
     est = DeepGMMEstimator((2, 2), algorithm="adam", learning_rate=1e-2, batch_size=64,
-                           random_state=0, max_iter=15, tol=0.0)
-    with pytest.warns(Warning):
-        est.fit(X)
+                           random_state=0, max_iter=15, tol=0.0).fit(X)
     assert est.lower_bounds_[-1] > est.lower_bounds_[0]
     assert np.isfinite(est.score(X))
 
@@ -322,7 +379,7 @@ def test_partial_fit_and_pickle():
     np.testing.assert_allclose(clone.score_samples(X), est.score_samples(X))
     clone.partial_fit(X[1::2])
     assert clone.n_steps_ == 4
-    one = DeepGMMEstimator(3, random_state=0, max_iter=5).fit(X)  # int layer_sizes
+    one = DeepGMMEstimator(3, random_state=0, max_iter=5).fit(X)  # an int: one layer
     assert one.n_paths_ == 3
 
 
@@ -336,15 +393,15 @@ def test_float32_runs():
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"layer_sizes": ()}, "layer_sizes"),
-        ({"layer_sizes": (2, 0)}, "layer_sizes"),
-        ({"layer_sizes": (2.5,)}, "layer_sizes"),
-        ({"layer_sizes": "abc"}, "layer_sizes"),
+        ({"n_components": ()}, "n_components"),
+        ({"n_components": (2, 0)}, "n_components"),
+        ({"n_components": (2.5,)}, "n_components"),
+        ({"n_components": "abc"}, "n_components"),
         ({"algorithm": "sgd"}, "algorithm"),
         ({"path_search": "greedy"}, "path_search"),
         ({"reg_covar": -1.0}, "reg_covar"),
         ({"m_step_iter": 0}, "m_step_iter"),
-        ({"layer_sizes": (50,)}, "n_samples"),
+        ({"n_components": (50,)}, "n_samples"),
     ],
 )
 def test_bad_parameters_raise(params, match):
@@ -364,7 +421,7 @@ def test_not_fitted_and_shallow_limit():
 
 
 @parametrize_with_checks(
-    [DeepGMMEstimator(layer_sizes=(2, 2), max_iter=5, m_step_iter=10, random_state=0)]
+    [DeepGMMEstimator(n_components=(2, 2), max_iter=5, m_step_iter=10, random_state=0)]
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)

@@ -190,6 +190,14 @@ def _worker(rank, world_size, port, out_dir):
             deep.partial_fit(shard[:40])
             states.append({k: v.numpy().copy() for k, v in deep.module_.state_dict().items()})
             results["deep_gmm"] = states
+            # hard EM with the heuristic E-step (random restarts): exact statistics
+            # (several iterations: one model on every rank; one iteration: the model
+            # of one process on all the rows, up to the order of the sums)
+            results["deep_gmm_em"] = [
+                DeepGMMEstimator((3, 2, 2), path_search="heuristic", max_iter=max_iter,
+                                 random_state=0, device="cpu").fit(shard).score_samples(X)
+                for max_iter in (4, 1)
+            ]
         except Exception as exc:  # reported by the test that reads it
             results["deep_gmm"] = f"{type(exc).__name__}: {exc}"
         with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
@@ -279,6 +287,24 @@ def test_distributed_deep_gmm_identical_on_every_rank(distributed_results):
         assert a.keys() == b.keys() and len(a) > 0
         for name in a:
             np.testing.assert_array_equal(a[name], b[name], err_msg=f"step {step} {name}")
+
+
+def test_distributed_deep_gmm_hard_em_equals_one_process(distributed_results):
+    from skdeepmix.deep_gmm import DeepGMMEstimator
+
+    first, second = (r.get("deep_gmm_em") for r in distributed_results)
+    assert first is not None, distributed_results[0]["deep_gmm"]
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    # after one iteration, the single-process fit on all the rows: the statistics
+    # and the restarts of the heuristic E-step are global. (Later iterations
+    # drift apart: rounding differences in the sums change where L-BFGS stops.)
+    X = _distributed_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        single = DeepGMMEstimator((3, 2, 2), path_search="heuristic", max_iter=1,
+                                  random_state=0, device="cpu").fit(X)
+    np.testing.assert_allclose(first[1], single.score_samples(X), rtol=1e-6)
 
 
 # -------------------------------------------------------------- out of core

@@ -38,8 +38,13 @@ import math
 import torch
 from torch import nn
 
+from .._gaussian import LOG_2PI, SufficientStatistics
+from .._torch_utils import MEMORY_BUDGET, iter_row_chunks
+
 __all__ = [
     "DeepGMM",
+    "cluster_gaussians",
+    "init_from_clusters",
     "NodeObjective",
     "m_step_objective",
     "lbfgs_maximize",
@@ -48,12 +53,11 @@ __all__ = [
     "accumulate_hard_statistics",
     "accumulate_soft_statistics",
     "m_step_layers",
+    "path_variances",
+    "prior_scatter",
     "MStepError",
 ]
 
-_LOG_2PI = math.log(2.0 * math.pi)
-# elements of the largest temporary of a chunked computation (~32 MiB in float64)
-_DEFAULT_BUDGET = 2**22
 
 
 def _flat_strides(sizes):
@@ -98,21 +102,33 @@ class DeepGMM(nn.Module):
         self.path_weights = path_weights
         d = self.n_features
         kw = {"dtype": dtype, "device": device}
-        eye = torch.eye(d, **kw)
         self.inv_weight = nn.ParameterList(
-            [nn.Parameter(eye.repeat(n, 1, 1)) for n in self.layer_sizes]
+            [nn.Parameter(torch.empty(n, d, d, **kw)) for n in self.layer_sizes]
         )
         self.inv_bias = nn.ParameterList(
-            [nn.Parameter(torch.zeros(n, d, **kw)) for n in self.layer_sizes]
+            [nn.Parameter(torch.empty(n, d, **kw)) for n in self.layer_sizes]
         )
         if path_weights == "full":
-            self.path_logits = nn.Parameter(torch.zeros(self.layer_sizes, **kw))
+            self.path_logits = nn.Parameter(torch.empty(self.layer_sizes, **kw))
         elif path_weights == "factorized":
             self.path_logits = nn.ParameterList(
-                [nn.Parameter(torch.zeros(n, **kw)) for n in self.layer_sizes]
+                [nn.Parameter(torch.empty(n, **kw)) for n in self.layer_sizes]
             )
         else:
             raise ValueError(f"path_weights must be 'full' or 'factorized', got {path_weights!r}.")
+        if self.inv_weight[0].device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        """Identity maps, zero biases, uniform path weights (draws nothing;
+        the data-driven start is :func:`init_from_clusters`)."""
+        for W, c in zip(self.inv_weight, self.inv_bias):
+            W.copy_(torch.eye(self.n_features, dtype=W.dtype, device=W.device).expand_as(W))
+            c.zero_()
+        logits = [self.path_logits] if self.path_weights == "full" else self.path_logits
+        for table in logits:
+            table.zero_()
 
     # ------------------------------------------------------------ structure
     @property
@@ -146,6 +162,42 @@ class DeepGMM(nn.Module):
             for logits, value in zip(self.path_logits, log_weights):
                 logits.copy_(value)
 
+    @torch.no_grad()
+    def set_path_weights_from_counts(self, counts):
+        """Maximum-likelihood path weights from (soft or hard) path counts.
+
+        Parameters
+        ----------
+        counts : Tensor of shape (n_paths,)
+            Number of samples (or summed responsibilities) of every path.
+        """
+        table = counts.reshape(self.layer_sizes).to(self.inv_weight[0].dtype)
+        total = table.sum().clamp_min(torch.finfo(table.dtype).tiny)
+        if self.path_weights == "full":
+            self.set_log_path_weights((table / total).log())
+            return
+        k = self.n_layers
+        self.set_log_path_weights([
+            (table.sum(tuple(l for l in range(k) if l != j)) / total).log() for j in range(k)
+        ])
+
+    @torch.no_grad()
+    def mean(self):
+        """Mean of the model, ``sum_p pi_p beta_p`` (shape (d,)); ``n_paths * d^2``
+        operations, inner layers first."""
+        means = self.inv_bias[0].new_zeros(1, self.n_features)
+        for j in reversed(range(self.n_layers)):
+            A, b = self.generative_parameters(j)
+            means = (torch.einsum("nab,mb->nma", A, means) + b[:, None]).reshape(-1, b.shape[1])
+        return self.log_path_weights().reshape(-1).exp() @ means
+
+    def statistics_centers(self):
+        """Reference points of the M-step statistics of every layer: the model
+        mean for the data-side layer (the inner layers see roughly centred
+        inputs and use 0)."""
+        zero = self.inv_bias[0].new_zeros(self.n_features)
+        return [self.mean()] + [zero] * (self.n_layers - 1)
+
     def node_logdet(self, j):
         """``log|det W|`` of the nodes of layer ``j`` (shape (N_j,))."""
         return torch.linalg.slogdet(self.inv_weight[j]).logabsdet
@@ -164,7 +216,7 @@ class DeepGMM(nn.Module):
         self.inv_bias[j].copy_(-(W @ b.to(W).unsqueeze(-1)).squeeze(-1))
 
     # ------------------------------------------------------ exact density
-    def path_log_prob(self, X, budget=_DEFAULT_BUDGET):
+    def path_log_prob(self, X, budget=MEMORY_BUDGET):
         """``log N(x | beta_p, Omega_p Omega_p^T)`` for every sample and path.
 
         The inversion is shared between paths with the same outer nodes: layer
@@ -191,7 +243,7 @@ class DeepGMM(nn.Module):
     def _expand(self, Y, j, acc, logdets, budget):
         n, m, d = Y.shape
         if j == self.n_layers:
-            return -0.5 * (Y.square().sum(-1) + d * _LOG_2PI) + acc
+            return -0.5 * (Y.square().sum(-1) + d * LOG_2PI) + acc
         W, c = self.inv_weight[j], self.inv_bias[j]
         N = W.shape[0]
         step = max(1, budget // max(n * N * d, 1))
@@ -205,7 +257,7 @@ class DeepGMM(nn.Module):
             outputs.append(self._expand(new.reshape(n, ms * N, d), j + 1, new_acc, logdets, budget))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
 
-    def log_joint(self, X, budget=_DEFAULT_BUDGET):
+    def log_joint(self, X, budget=MEMORY_BUDGET):
         """``log pi_p + log N(x | p)``, shape (n_samples, n_paths)."""
         return self.path_log_prob(X, budget) + self.log_path_weights().reshape(-1)
 
@@ -241,7 +293,7 @@ class DeepGMM(nn.Module):
         for j in range(self.n_layers):
             Y = self.invert_through(Y, j, paths[:, j])
             score = score + self.node_logdet(j)[paths[:, j]]
-        return score - 0.5 * (Y.square().sum(-1) + self.n_features * _LOG_2PI)
+        return score - 0.5 * (Y.square().sum(-1) + self.n_features * LOG_2PI)
 
     def flat_index(self, paths):
         """Flat (C-order) index of paths given as (n, n_layers) node indices."""
@@ -306,7 +358,40 @@ class DeepGMM(nn.Module):
                 paths[:, j] = best
                 Y = cand[rows, best]
                 acc = acc + logdets[j][best]
-        return paths, scores - 0.5 * d * _LOG_2PI
+        return paths, scores - 0.5 * d * LOG_2PI
+
+    def best_paths(self, X, previous, start, n_restart_passes=2):
+        """The E-step heuristic of the paper (§3.1): the better of 1 pass from
+        the previous paths and ``n_restart_passes`` passes from random ones.
+
+        Parameters
+        ----------
+        X : Tensor of shape (n, d)
+        previous : LongTensor of shape (n, n_layers) or None
+            Each row's path of the last E-step (None: only the restart, with
+            ``1 + n_restart_passes`` passes).
+        start : LongTensor of shape (n, n_layers)
+            Random starting paths.
+        n_restart_passes : int, default=2
+
+        Returns
+        -------
+        paths : LongTensor of shape (n, n_layers)
+        scores : Tensor of shape (n,)
+            ``log pi_p + log N(x | p)`` of the returned paths.
+        switched : Tensor of shape ()
+            Number of rows where the restart found a better path.
+        """
+        if previous is None:
+            paths, scores = self.coordinate_ascent(X, start, 1 + n_restart_passes)
+            return paths, scores, scores.new_zeros(())
+        best, best_score = self.coordinate_ascent(X, previous, 1)
+        if n_restart_passes == 0:
+            return best, best_score, best_score.new_zeros(())
+        other, other_score = self.coordinate_ascent(X, start, n_restart_passes)
+        better = other_score > best_score
+        paths = torch.where(better[:, None], other, best)
+        return paths, torch.maximum(best_score, other_score), better.sum()
 
     # ------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -353,6 +438,105 @@ class DeepGMM(nn.Module):
 
 
 # ============================================================================
+# Initialisation from a clustering of the data
+# ============================================================================
+@torch.no_grad()
+def cluster_gaussians(X, labels, reference_means, reg_covar, chunk_size, partition=None):
+    """Mean and covariance factor of every cluster of a labelled data set.
+
+    Statistics are accumulated centred (:class:`~skdeepmix._gaussian.SufficientStatistics`)
+    and summed over the processes of a distributed fit. A cluster with at most
+    ``d`` members gets the global covariance divided by its size added (an
+    empty one: the global mean and covariance), so that every factor exists.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n_samples, d)
+    labels : LongTensor of shape (n_samples,)
+        Cluster of every row, in ``[0, K)``.
+    reference_means : Tensor of shape (K, d)
+        Points near the cluster means (e.g. the k-means centres).
+    reg_covar : float
+        Added to the diagonal of every covariance.
+    chunk_size : int
+        Rows per chunk.
+    partition : RowPartition, optional
+        This process's share of the rows (any object with ``sum(*tensors)``
+        in place and ``n_total``).
+
+    Returns
+    -------
+    A : Tensor of shape (K, d, d)
+        Lower Cholesky factors of the covariances (``A A^T``).
+    b : Tensor of shape (K, d)
+        Means.
+    mean : Tensor of shape (d,)
+        Mean of all the rows.
+    std : Tensor of shape (d,)
+        Standard deviation of every feature over all the rows.
+    """
+    K, d = reference_means.shape
+    stats = SufficientStatistics("full", reference_means, reference_means.mean(0))
+    chunks = list(iter_row_chunks(X.shape[0], chunk_size))
+    one_hot = lambda rows: nn.functional.one_hot(labels[rows], K).to(X.dtype)  # noqa: E731
+    for rows in chunks:
+        stats.add(X[rows], one_hot(rows))
+    stats.reduce(partition)
+    counts, means, covs, loss = stats.mixture_parameters(0.0)
+    if stats.needs_exact_pass(loss):
+        stats.reset_second_moments()
+        for rows in chunks:
+            stats.add_exact(X[rows], one_hot(rows), means)
+        stats.reduce(partition, second_only=True)
+        counts, means, covs, _ = stats.mixture_parameters(0.0)
+    weights = counts / counts.sum()
+    mean = weights @ means
+    delta = means - mean
+    global_cov = torch.einsum("k,kab->ab", weights, covs + delta[:, :, None] * delta[:, None, :])
+    members = counts.round()
+    means = torch.where((members > 0)[:, None], means, mean)
+    small = (members <= d)[:, None, None]
+    covs = torch.where(small, covs + global_cov / members.clamp_min(1.0)[:, None, None], covs)
+    covs = torch.where((members > 0)[:, None, None], covs, global_cov)
+    eye = torch.eye(d, dtype=X.dtype, device=X.device)
+    covs = 0.5 * (covs + covs.transpose(-1, -2)) + reg_covar * eye
+    A, info = torch.linalg.cholesky_ex(covs)
+    if bool((info > 0).any()):  # numerically singular: a relative jitter
+        scale = torch.diagonal(covs, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+        A = torch.linalg.cholesky(covs + 1e-6 * scale[:, None, None] * eye)
+    std = torch.diagonal(global_cov).clamp_min(0.0).sqrt().clamp_min(1e-12)
+    return A, means, mean, std
+
+
+@torch.no_grad()
+def init_from_clusters(model, A, b, layer, mean, std, noise, generator):
+    """Start ``model`` from cluster Gaussians ``N(b_m, A_m A_m^T)`` in one layer.
+
+    Layer ``layer`` gets the maps ``(A, b)`` (it must have ``K`` nodes); every
+    other node a near-identity map ``I + noise E / sqrt(d)`` with a bias of
+    size ``noise`` (``E`` standard normal, from ``generator``, layers in
+    order). When the clusters sit in the latent-side layer, the outer layers
+    act in data units around the data ``mean`` (bias noise scaled by
+    ``std``), so that every path starts as a slightly perturbed copy of a
+    cluster Gaussian; when they sit in the data-side layer, the inner layers
+    act in its whitened space. Path weights start uniform.
+    """
+    d, k = model.n_features, model.n_layers
+    kw = {"dtype": A.dtype, "device": A.device}
+    eye = torch.eye(d, **kw)
+    model.reset_parameters()
+    for j, N in enumerate(model.layer_sizes):
+        if j == layer:
+            model.set_generative_parameters(j, A, b)
+            continue
+        Aj = eye + noise * torch.randn(N, d, d, generator=generator, **kw) / math.sqrt(d)
+        bj = noise * torch.randn(N, d, generator=generator, **kw)
+        if layer == k - 1:
+            bj = bj * std + mean - (Aj @ mean.unsqueeze(-1)).squeeze(-1)
+        model.set_generative_parameters(j, Aj, bj)
+
+
+# ============================================================================
 # M-step: statistics, folded upper layers, the trace objective, batched L-BFGS
 # ============================================================================
 def fold_upper_layers(model, j):
@@ -382,11 +566,19 @@ def fold_upper_layers(model, j):
 
 def _hessian_apply(X, omega, gamma):
     """``H(X)_m = sum_u Omega_u X_m Gamma_mu``; X (B, d, d+1), omega (U, d, d),
-    gamma (B, U, d+1, d+1) -> (B, d, d+1)."""
-    if omega.shape[0] == 1:
-        return torch.matmul(omega[0] @ X, gamma[:, 0])
-    left = torch.einsum("uab,mbc->muac", omega, X)
-    return torch.matmul(left, gamma).sum(1)
+    gamma (B, U, d+1, d+1) -> (B, d, d+1).
+
+    Two large matrix products per node instead of ``2 U`` small ones:
+    ``[Omega_1; ...; Omega_U] X`` (shape (U d, d+1)), regrouped side by side
+    as ``[Omega_1 X, ..., Omega_U X]`` and multiplied by
+    ``[Gamma_m1; ...; Gamma_mU]``.
+    """
+    B, d, d1 = X.shape
+    U = omega.shape[0]
+    OX = torch.matmul(omega.reshape(U * d, d), X)  # (B, U d, d+1)
+    if U > 1:
+        OX = OX.view(B, U, d, d1).transpose(1, 2).reshape(B, d, U * d1)
+    return torch.matmul(OX, gamma.reshape(B, U * d1, d1))
 
 
 class NodeObjective:
@@ -451,6 +643,33 @@ class NodeObjective:
         inv_t = torch.linalg.inv(X[:, :, :d]).transpose(-1, -2)
         grad[:, :, :d] += self.counts[:, None, None] * inv_t
         return grad
+
+    def preconditioner(self):
+        """``G -> Omega_m^-1 G Gamma_m^-1`` for every node ``m``: the inverse of a
+        Kronecker approximation of the per-sample Hessian of the quadratic part.
+
+        The quadratic part's Hessian is ``D -> sum_u Omega_u D Gamma_mu``; with
+        ``Gamma_m = sum_u Gamma_mu / N_m`` and ``Omega_m = sum_u N_mu Omega_u / N_m``
+        it is about ``N_m Omega_m D Gamma_m`` (exactly when the node has one inner
+        path). Nodes without data get the identity.
+
+        Returns
+        -------
+        apply : callable
+            Maps a Tensor of shape (B, d, d+1) to one of the same shape.
+        """
+        counts_mu = self.gamma[..., -1, -1]  # (B, U)
+        total = counts_mu.sum(1).clamp_min(torch.finfo(self.gamma.dtype).tiny)
+        gamma_bar = self.gamma.sum(1) / total[:, None, None]
+        omega_bar = torch.einsum("bu,uij->bij", counts_mu / total[:, None], self.omega)
+        inverses = []
+        for matrix in (omega_bar, gamma_bar):
+            L, info = torch.linalg.cholesky_ex(matrix)
+            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+            inverses.append(torch.cholesky_inverse(torch.where((info == 0)[:, None, None], L,
+                                                               eye)))
+        omega_inv, gamma_inv = inverses
+        return lambda G: omega_inv @ G @ gamma_inv
 
 
 class _TraceObjectiveFunction(torch.autograd.Function):
@@ -523,6 +742,7 @@ def lbfgs_maximize(objective, X0, max_iter=50, history_size=10, ftol=1e-10, gtol
     n_iter : int
     """
     scale = objective.counts.clamp_min(1e-12)[:, None, None]
+    precondition = objective.preconditioner()
     X = X0.clone()
     HX = objective.hessian_apply(X)
     f = objective.value(X, HX)
@@ -534,29 +754,28 @@ def lbfgs_maximize(objective, X0, max_iter=50, history_size=10, ftol=1e-10, gtol
         if not bool(active.any()):
             n_iter -= 1
             break
-        # two-loop recursion (on the ascent problem: minimise -f)
+        # two-loop recursion (on the ascent problem: minimise -f), with the
+        # preconditioner as the initial inverse Hessian
         q = -g
         alphas = []
         for s, y, p in zip(reversed(S), reversed(Yh), reversed(rho)):
             a = p * _inner(s, q)
             q = q - a[:, None, None] * y
             alphas.append(a)
+        r = precondition(q)
         if S:
             sy = _inner(S[-1], Yh[-1])
-            yy = _inner(Yh[-1], Yh[-1])
-            gamma0 = torch.where(yy > 0, sy / yy.clamp_min(1e-300), torch.ones_like(sy))
-        else:
-            gamma0 = 1.0 / g.abs().amax((-1, -2)).clamp_min(1.0)
-        r = gamma0[:, None, None] * q
+            yPy = _inner(Yh[-1], precondition(Yh[-1]))
+            r = torch.where((yPy > 0)[:, None, None],
+                            (sy / yPy.clamp_min(1e-300))[:, None, None] * r, r)
         for s, y, p, a in zip(S, Yh, rho, reversed(alphas)):
             b = p * _inner(y, r)
             r = r + (a - b)[:, None, None] * s
         D = -r  # ascent direction
         slope = _inner(g, D) * scale[:, 0, 0]
         bad = ~(slope > 0)
-        if bool(bad.any()):  # not an ascent direction: steepest ascent
-            D = torch.where(bad[:, None, None], g / g.abs().amax((-1, -2), keepdim=True)
-                            .clamp_min(1.0), D)
+        if bool(bad.any()):  # not an ascent direction: preconditioned steepest ascent
+            D = torch.where(bad[:, None, None], precondition(g), D)
             slope = _inner(g, D) * scale[:, 0, 0]
         HD = objective.hessian_apply(D)
         t = torch.where(active, torch.ones_like(f), torch.zeros_like(f))
@@ -652,7 +871,7 @@ def accumulate_hard_statistics(model, X, paths, centers, stats):
 
 
 @torch.no_grad()
-def accumulate_soft_statistics(model, X, centers, stats, budget=_DEFAULT_BUDGET):
+def accumulate_soft_statistics(model, X, centers, stats, budget=MEMORY_BUDGET):
     """Add the soft-EM statistics of rows ``X`` (responsibilities over all paths).
 
     Returns
@@ -691,12 +910,26 @@ class MStepError(ValueError):
 
 
 @torch.no_grad()
-def m_step_layers(model, stats, centers, reg, max_iter=50):
+def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     """Update every layer from its statistics, from the latent side to the data side.
 
     Layer ``k-1`` (next to ``z``) has the closed-form Gaussian solution; the
     other layers are maximised by batched L-BFGS over their nodes with the
     inner layers folded (paper §3.2). Nodes without data are left unchanged.
+
+    With ``prior_count > 0`` the update is a maximum a posteriori one under a
+    Wishart prior on the data-space precision ``P_p`` of every path, centred
+    on the path's own per-feature variances ``V_p`` (an empirical-Bayes
+    scale, :func:`path_variances`): each path's statistics receive
+    ``prior_count * V_p`` as extra scatter (no extra counts), i.e. the
+    objective gains ``-prior_count/2 Tr(P_p V_p)`` per path, with ``d + 1``
+    degrees of freedom (no pull on ``log|P_p|``). Every layer sees that
+    scatter through its outer layers (:func:`prior_scatter`), so that all
+    layers maximise one objective, invariant under the affine gauge between
+    layers. (A prior in one layer's own coordinates, or pseudo-counts that
+    weigh one layer's log-determinant and not the others', make the maps
+    drift along that gauge.) For one layer (a GMM) a component with ``n_k``
+    samples gets the covariance ``Sigma_k + (prior_count / n_k) V_k``.
 
     Parameters
     ----------
@@ -709,6 +942,8 @@ def m_step_layers(model, stats, centers, reg, max_iter=50):
         ``reg_covar`` in a GMM.
     max_iter : int
         L-BFGS iterations per layer.
+    prior_count : float, default=0.0
+        Weight, in samples, of the prior's scatter per path.
 
     Returns
     -------
@@ -717,9 +952,12 @@ def m_step_layers(model, stats, centers, reg, max_iter=50):
     """
     d = model.n_features
     gain = 0.0
+    psi = prior_count * path_variances(stats[0]) if prior_count > 0 else None
     for j in reversed(range(model.n_layers)):
         gamma = stats[j].clone()
         counts_mu = gamma[..., -1, -1]
+        if psi is not None:
+            gamma[..., :d, :d] += prior_scatter(model, j, psi)
         idx = torch.arange(d, device=gamma.device)
         gamma[..., idx, idx] += reg * counts_mu[..., None]
         W = model.inv_weight[j].detach().to(torch.float64)
@@ -751,6 +989,54 @@ def m_step_layers(model, stats, centers, reg, max_iter=50):
         model.inv_weight[j].copy_(Q.to(model.inv_weight[j].dtype))
         model.inv_bias[j].copy_((c_centred - Q @ mu).to(model.inv_bias[j].dtype))
     return gain
+
+
+def path_variances(gamma):
+    """Per-feature variances of the samples of every path, as diagonal matrices.
+
+    Parameters
+    ----------
+    gamma : Tensor of shape (N_0, U_0, d+1, d+1)
+        The data-side layer's statistics: one homogeneous scatter per path.
+
+    Returns
+    -------
+    variances : Tensor of shape (n_paths, d, d)
+        ``diag(S_p / n_p - m_p m_p^T)`` (zero for a path without samples).
+    """
+    d = gamma.shape[-1] - 1
+    flat = gamma.reshape(-1, d + 1, d + 1)
+    counts, sums = flat[:, d, d], flat[:, :d, d]
+    n = counts.clamp_min(torch.finfo(gamma.dtype).tiny)[:, None]
+    second = torch.diagonal(flat[:, :d, :d], dim1=-2, dim2=-1) / n
+    variances = (second - (sums / n).square()).clamp_min(0.0) * (counts > 0)[:, None]
+    return torch.diag_embed(variances)
+
+
+def prior_scatter(model, j, psi):
+    """Data-space scatter ``psi_p`` of every path, seen at the input of layer ``j``.
+
+    Path ``p`` reaches layer ``j`` through the inverse maps ``W`` of its outer
+    nodes, which turn ``psi_p`` into ``W_{j-1} ... W_0 psi_p W_0^T ...
+    W_{j-1}^T``; summed over the outer nodes, this is what the (node, inner
+    path) of layer ``j`` on that path receives.
+
+    Parameters
+    ----------
+    model : DeepGMM
+    j : int
+    psi : Tensor of shape (n_paths, d, d)
+        One matrix per path (flat C order).
+
+    Returns
+    -------
+    scatter : Tensor of shape (N_j, U_j, d, d)
+    """
+    P = psi
+    for l in range(j):
+        W = model.inv_weight[l].to(psi.dtype)[:, None]
+        P = (W @ P.reshape(W.shape[0], -1, *psi.shape[1:]) @ W.transpose(-1, -2)).sum(0)
+    return P.reshape(model.layer_sizes[j], -1, *psi.shape[1:])
 
 
 def _closed_form_gaussian(gamma, X0):
