@@ -6,9 +6,7 @@ rows. The equivalences are exact with the same explicit initial state (random
 initialisations draw differently from weighted and repeated rows).
 """
 
-import os
 import pickle
-import socket
 import tempfile
 import time
 import warnings
@@ -220,16 +218,12 @@ def _distributed_fits(X, w, split=None):
     return results
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world_size, out_dir):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    # a file store: no TCP port that another test run could take first
+    torch.distributed.init_process_group(
+        "gloo", init_method=(Path(out_dir) / "store").as_uri(), rank=rank,
+        world_size=world_size)
     try:
         X, w = _data(n=240, seed=1)
         split = slice(0, 100) if rank == 0 else slice(100, None)  # unequal shards
@@ -244,7 +238,7 @@ def test_distributed_weighted_fits_equal_the_single_process_fit():
         pytest.skip("torch.distributed with the gloo backend is not available")
     with tempfile.TemporaryDirectory() as out_dir:
         context = torch.multiprocessing.start_processes(
-            _worker, args=(WORLD_SIZE, _free_port(), out_dir), nprocs=WORLD_SIZE,
+            _worker, args=(WORLD_SIZE, out_dir), nprocs=WORLD_SIZE,
             join=False, start_method="spawn",
         )
         deadline = time.monotonic() + 600  # a deadlock must fail, not hang

@@ -5,9 +5,7 @@ once for the whole module and compare what every rank ends with against a
 single-process fit on the concatenated shards.
 """
 
-import os
 import pickle
-import socket
 import tempfile
 import time
 import warnings
@@ -139,16 +137,12 @@ def _tiny_params(**extra):
 
 
 # ------------------------------------------------------------ the spawn
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world_size, out_dir):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    # a file store: no TCP port that another test run could take first
+    torch.distributed.init_process_group(
+        "gloo", init_method=(Path(out_dir) / "store").as_uri(), rank=rank,
+        world_size=world_size)
     try:
         results = {}
         X = _distributed_data()
@@ -212,7 +206,7 @@ def distributed_results():
         pytest.skip("torch.distributed with the gloo backend is not available")
     with tempfile.TemporaryDirectory() as out_dir:
         context = torch.multiprocessing.start_processes(
-            _worker, args=(WORLD_SIZE, _free_port(), out_dir), nprocs=WORLD_SIZE,
+            _worker, args=(WORLD_SIZE, out_dir), nprocs=WORLD_SIZE,
             join=False, start_method="spawn",
         )
         deadline = time.monotonic() + 600  # a deadlock must fail, not hang
