@@ -67,7 +67,8 @@ class Progress:
         if self.verbose and total > 0 and _distributed.is_main_process():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=int(total), desc=self.name, leave=self.verbose > 1)
+            # left on screen: the last state a user sees is the finished fit (100 %)
+            self.bar = tqdm(total=int(total), desc=self.name, leave=True)
 
     def __enter__(self):
         return self
@@ -106,9 +107,10 @@ class Progress:
                 print(line)
 
     def finish(self):
-        """Fill the bar to 100 % (the fit is done)."""
+        """Fill the bar to 100 % (the fit is done) and draw it."""
         if self.bar is not None:
             self.bar.update(max(self.bar.total - self.bar.n, 0))
+            self.bar.refresh()
 
     def close(self):
         if self.bar is not None:
