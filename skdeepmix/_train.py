@@ -57,9 +57,13 @@ class Progress:
         Reads ``verbose`` and ``verbose_interval``.
     total : int
         Steps of the whole fit (all phases, all initialisations).
+    tasks : object, optional
+        The fit's scikit-learn callback tasks (``skdeepmix._base._FitTasks``):
+        a step of an auxiliary phase (``step(phase=...)``) is reported to them.
     """
 
-    def __init__(self, estimator, total):
+    def __init__(self, estimator, total, tasks=None):
+        self.tasks = tasks
         self.verbose = int(estimator.verbose or 0)
         self.interval = int(getattr(estimator, "verbose_interval", 10) or 10)
         self.name = type(estimator).__name__
@@ -83,6 +87,8 @@ class Progress:
 
     def step(self, n=1, **postfix):
         """Advance by ``n`` steps, showing ``postfix`` (e.g. ``phase``, ``loss``)."""
+        if self.tasks is not None and "phase" in postfix:
+            self.tasks.phase_step(postfix["phase"])
         if self.bar is None:
             return
         self.bar.update(n)
