@@ -19,6 +19,12 @@ spirit of ``sklearn.mixture._base.BaseMixture``:
 * inference (``predict``, ``predict_proba``, ``score_samples``, ``score``,
   ``fit_predict`` with a final E-step, ``sample``, ``bic``/``aic``), chunked
   over rows into preallocated outputs;
+* scikit-learn's experimental callbacks (``set_callbacks``, ``sklearn.callback``
+  in scikit-learn 1.9; absent otherwise): a ``"fit"`` task, an ``"init"`` task
+  per initialisation when ``n_init > 1`` and a leaf ``"iteration"`` per
+  iteration/epoch (its end hook may ask for ``fitted_estimator``, an independent
+  copy ready to score, and may stop the run by returning True), plus a leaf per
+  epoch of an auxiliary phase reported through ``ctx.progress.step(phase=...)``;
 * pickling of fitted torch state on the CPU;
 * ``torch.distributed``: every process passes its own shard of the rows to
   ``fit``; the hooks reduce through ``ctx.partition``.
