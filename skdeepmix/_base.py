@@ -19,6 +19,12 @@ spirit of ``sklearn.mixture._base.BaseMixture``:
 * inference (``predict``, ``predict_proba``, ``score_samples``, ``score``,
   ``fit_predict`` with a final E-step, ``sample``, ``bic``/``aic``), chunked
   over rows into preallocated outputs;
+* scikit-learn's experimental callbacks (``set_callbacks``, ``sklearn.callback``
+  in scikit-learn 1.9; absent otherwise): a ``"fit"`` task, an ``"init"`` task
+  per initialisation when ``n_init > 1`` and a leaf ``"iteration"`` per
+  iteration/epoch (its end hook may ask for ``fitted_estimator``, an independent
+  copy ready to score, and may stop the run by returning True), plus a leaf per
+  epoch of an auxiliary phase reported through ``ctx.progress.step(phase=...)``;
 * pickling of fitted torch state on the CPU;
 * ``torch.distributed``: every process passes its own shard of the rows to
   ``fit``; the hooks reduce through ``ctx.partition``.
@@ -64,6 +70,7 @@ features below which one CPU thread is used; see :meth:`_n_threads`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from abc import ABCMeta, abstractmethod
@@ -72,6 +79,7 @@ from numbers import Integral, Real
 from typing import Any, Optional
 
 import numpy as np
+import sklearn
 import torch
 from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
@@ -104,6 +112,36 @@ from ._torch_utils import (
 from ._train import Progress, TrainingDivergedError
 
 __all__ = ["BaseDeepMixture", "FitContext", "TrainingDivergedError", "CONVERGENCE_MESSAGE"]
+
+# scikit-learn's callbacks (``sklearn.callback``, experimental since 1.9) are
+# used only when the module has the shape written against; otherwise the
+# estimators have no callback support and ``set_callbacks`` says why.
+try:
+    from sklearn.callback import CallbackContext as _CallbackContext
+    from sklearn.callback import CallbackSupportMixin as _CallbackSupportMixin
+    from sklearn.callback import with_callbacks as _with_callbacks
+
+    _HAS_CALLBACKS = hasattr(_CallbackSupportMixin, "_init_callback_context") and all(
+        hasattr(_CallbackContext, name)
+        for name in ("subcontext", "call_on_fit_task_begin", "call_on_fit_task_end")
+    )
+except ImportError:
+    _HAS_CALLBACKS = False
+
+if not _HAS_CALLBACKS:
+
+    class _CallbackSupportMixin:
+        def set_callbacks(self, *callbacks):
+            """Unavailable: needs scikit-learn's ``sklearn.callback`` (1.9)."""
+            raise NotImplementedError(
+                f"{type(self).__name__}.set_callbacks needs scikit-learn's experimental "
+                f"sklearn.callback API as in scikit-learn 1.9; scikit-learn "
+                f"{sklearn.__version__} does not provide it. Use verbose=1 for a "
+                "progress bar."
+            )
+
+    def _with_callbacks(method):
+        return method
 
 #: scikit-learn's warning text (users filter warnings by it)
 CONVERGENCE_MESSAGE = (
@@ -162,7 +200,79 @@ def _move_to_cpu(value):
     return value
 
 
-class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
+class _FitTasks:
+    """The task tree of one ``fit`` for scikit-learn's callbacks.
+
+    The root task ``"fit"`` has one ``"init"`` subtask per initialisation when
+    ``n_init > 1``; below it (or directly below the root) each iteration/epoch
+    of the main loop is a leaf ``"iteration"``, and each epoch of an auxiliary
+    phase (pre-training, curriculum, ...) a leaf named after the phase. Does
+    nothing when no callback is set (or ``sklearn.callback`` is unavailable).
+    """
+
+    def __init__(self, estimator, X, y, sample_weight, n_init, per_init):
+        self.estimator, self.root = estimator, None
+        if not _HAS_CALLBACKS or not (
+            hasattr(estimator, "_skl_callbacks") or hasattr(estimator, "_parent_callback_ctx")
+        ):
+            return
+        metadata = None if sample_weight is None else {"sample_weight": sample_weight}
+        self.hooks = {"X": X, "y": y, "metadata": metadata}
+        self.n_init, self.per_init = n_init, per_init
+        self.root = self.parent = estimator._init_callback_context(
+            task_name="fit", max_subtasks=n_init if n_init > 1 else per_init
+        )
+        self.n_children = 0
+        self.root.call_on_fit_task_begin(estimator=estimator, **self.hooks)
+
+    def begin_init(self):
+        if self.root is not None and self.n_init > 1:
+            self.parent = self.root.subcontext(task_name="init", max_subtasks=self.per_init)
+            self.n_children = 0
+            self.parent.call_on_fit_task_begin(estimator=self.estimator, **self.hooks)
+
+    def end_init(self):
+        if self.root is not None and self.parent is not self.root:
+            self.parent.call_on_fit_task_end(estimator=self.estimator, **self.hooks)
+
+    def _leaf(self, name):
+        self.n_children += 1
+        return self.parent.subcontext(task_name=name)
+
+    def phase_step(self, phase):
+        """One epoch of an auxiliary phase, reported once it is done."""
+        if self.root is not None and self.n_children < self.per_init:
+            leaf = self._leaf(phase)
+            leaf.call_on_fit_task_begin(estimator=self.estimator)
+            leaf.call_on_fit_task_end(estimator=self.estimator)
+
+    def begin_iteration(self):
+        if self.root is not None:
+            self.leaf = self._leaf("iteration")
+            self.leaf.call_on_fit_task_begin(estimator=self.estimator, **self.hooks)
+
+    def end_iteration(self, fitted_attributes):
+        """Whether a callback asks to stop the iterations of this run."""
+        if self.root is None:
+            return False
+        return self.leaf.call_on_fit_task_end(
+            estimator=self.estimator, reconstruction_attributes=fitted_attributes, **self.hooks
+        )
+
+    def end(self):
+        if self.root is not None:
+            self.root.call_on_fit_task_end(
+                estimator=self.estimator, reconstruction_attributes={}, **self.hooks
+            )
+
+
+#: attributes of the callback machinery, not copied into mid-fit snapshots
+_CALLBACK_ATTRIBUTES = (
+    "_skl_callbacks", "_callback_fit_ctx", "_skl_callbacks_to_teardown", "_parent_callback_ctx",
+)
+
+
+class BaseDeepMixture(_CallbackSupportMixin, DensityMixin, BaseEstimator, metaclass=ABCMeta):
     """Base class of every skdeepmix estimator (see the module docstring)."""
 
     _parameter_constraints: dict = {
@@ -516,8 +626,10 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return self._fit(X, y)
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @_with_callbacks
     def _fit(self, X, y=None, sample_weight=None):
         """Validate, fit, and return the labels of the training rows."""
+        y_given = y
 
         def validate():
             if self._streams(X, y):
@@ -540,7 +652,7 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             self._distributed_mode == "gradients"
         ):
             ctx = self._make_context(X, y, sample_weight, partition, device)
-            return self._fit_validated(X, ctx, continuing)
+            return self._fit_validated(X, ctx, continuing, y_given, sample_weight)
 
     def _validate_everywhere(self, validate):
         """Run ``validate()``; under torch.distributed, fail on every process
@@ -578,16 +690,17 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             classes=classes,
         )
 
-    def _fit_validated(self, X, ctx, continuing):
+    def _fit_validated(self, X, ctx, continuing, y=None, sample_weight=None):
         self._check_parameters(X, ctx)
         if self._streams(X):
             Xt = RowSource(X, ctx.device, ctx.dtype)
         else:
             Xt = to_tensor(X, ctx.device, ctx.dtype)
         n_init = 1 if continuing else self.n_init
-        steps = n_init * (self._n_progress_steps() + self.max_iter)
+        per_init = self._n_progress_steps() + self.max_iter
+        tasks = _FitTasks(self, X, y, sample_weight, n_init, per_init)
         best = None
-        with Progress(self, steps) as progress:
+        with Progress(self, n_init * per_init, tasks) as progress:
             ctx.progress = progress
             if continuing:
                 self._prepare_inference(ctx.device)
@@ -597,16 +710,18 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
                 progress.set_description(
                     f"{type(self).__name__}" + (f" init {init + 1}/{n_init}" if n_init > 1 else "")
                 )
+                tasks.begin_init()
                 if not continuing:
                     self._initialize(Xt, ctx)
                     self._broadcast_initial_state(ctx)
                 start = [] if not continuing else [self.lower_bound_]
                 run = self._run_iterations(Xt, ctx, start, init)
+                tasks.end_init()
                 if best is None or run["objective"] > best["objective"]:
                     best = dict(run, state=self._get_state())
             progress.finish()
 
-        if not best["converged"] and self.max_iter > 0:
+        if not best["converged"] and not best["stopped"] and self.max_iter > 0:
             warnings.warn(CONVERGENCE_MESSAGE, ConvergenceWarning)
         self._set_state(best["state"])
         self.converged_ = best["converged"]
@@ -615,8 +730,25 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         self.lower_bounds_ = [h["objective"] for h in best["history"]]
         self.history_ = best["history"]
         self._finalize_fit(Xt, ctx)
+        tasks.end()
         with torch.no_grad():
             return self._decode_labels(to_numpy(self._fit_labels(Xt)))
+
+    def _fitted_snapshot(self, X, ctx, n_iter, objective):
+        """Attributes of an independent copy of the estimator, ready for
+        inference at this point of the fit (for callbacks that ask for a
+        ``fitted_estimator``; only computed then). The fit's generator and
+        state are left untouched."""
+        state = {k: v for k, v in vars(self).items() if k not in _CALLBACK_ATTRIBUTES}
+        snapshot = copy.copy(self)
+        snapshot.__dict__.update(copy.deepcopy(state))
+        snapshot._set_state(snapshot._get_state())  # the public attributes, as after a fit
+        snapshot.n_iter_, snapshot.lower_bound_, snapshot.converged_ = n_iter, objective, False
+        generator = torch.Generator(device=ctx.generator.device)
+        generator.set_state(ctx.generator.get_state())
+        snapshot._finalize_fit(X, dataclasses.replace(
+            ctx, generator=generator, progress=Progress(snapshot, 0)))
+        return {k: v for k, v in vars(snapshot).items() if k not in _CALLBACK_ATTRIBUTES}
 
     def _decode_labels(self, labels):
         """Labels as returned to the user (class labels after a supervised fit)."""
@@ -655,10 +787,12 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return metrics, objective
 
     def _run_iterations(self, X, ctx, objectives, init):
-        history, converged, n_iter = [], False, 0
+        history, converged, stopped, n_iter = [], False, False, 0
         objective = objectives[-1] if objectives else -math.inf
         objectives = list(objectives)
+        tasks = ctx.progress.tasks
         for n_iter in range(1, self.max_iter + 1):
+            tasks.begin_iteration()
             metrics, objective = self._checked_objective(
                 self._fit_iteration(X, ctx), f"iteration {n_iter} of initialisation {init}", ctx
             )
@@ -667,12 +801,15 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             ctx.progress.step(objective=objective)
             change = objectives[-1] - objectives[-2] if len(objectives) > 1 else math.nan
             ctx.progress.report(n_iter, objective, change)
-            if self._converged(objectives):
-                converged = True
+            converged = self._converged(objectives)
+            stopped = tasks.end_iteration(
+                lambda n=n_iter, o=objective: self._fitted_snapshot(X, ctx, n, o)
+            )
+            if converged or stopped:
                 break
         ctx.progress.skip(self.max_iter - n_iter)
-        return {"objective": objective, "converged": converged, "n_iter": n_iter,
-                "history": history}
+        return {"objective": objective, "converged": converged, "stopped": stopped,
+                "n_iter": n_iter, "history": history}
 
     # ------------------------------------------------------ partial_fit
     def _has_partial_fit_step(self):
@@ -703,8 +840,10 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @_with_callbacks
     def _partial_fit(self, X, y=None, sample_weight=None):
         initialised = hasattr(self, "n_steps_") or hasattr(self, "lower_bound_")
+        y_given = y
 
         def validate():
             if not initialised:
@@ -730,7 +869,8 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             self._distributed_mode == "gradients"
         ):
             ctx = self._make_context(X, y, sample_weight, partition, device, generator)
-            ctx.progress = Progress(self, 0)
+            tasks = _FitTasks(self, X, y_given, sample_weight, n_init=1, per_init=0)
+            ctx.progress = Progress(self, 0, tasks)
             Xt = ctx.tensor(X)
             if not initialised:
                 self._check_parameters(X, ctx)
@@ -744,6 +884,7 @@ class BaseDeepMixture(DensityMixin, BaseEstimator, metaclass=ABCMeta):
             )
         self.n_steps_ = steps + 1
         self.lower_bound_ = objective
+        tasks.end()
 
     # ------------------------------------------------------------ inference
     def score_samples(self, X):

@@ -28,8 +28,10 @@ warm_start : bool, default=False
     If True, ``fit`` continues from the fitted state of the previous call
     (``n_init`` is then ignored).
 verbose : int, default=0
-    0 is silent; 1 shows one progress bar per fit covering every phase;
-    2 also prints the objective every ``verbose_interval`` iterations.
+    0 is silent; 1 shows one progress bar per fit covering every phase
+    (it ends at 100 %); 2 also prints the objective every
+    ``verbose_interval`` iterations. With scikit-learn 1.9,
+    ``set_callbacks(sklearn.callback.ProgressBar())`` works as well.
 verbose_interval : int, default=10
     Iterations between two printed lines when ``verbose=2``.
 device : {{'auto', 'cpu', 'cuda', 'cuda:N', 'mps'}} or torch.device, default='auto'

@@ -57,9 +57,13 @@ class Progress:
         Reads ``verbose`` and ``verbose_interval``.
     total : int
         Steps of the whole fit (all phases, all initialisations).
+    tasks : object, optional
+        The fit's scikit-learn callback tasks (``skdeepmix._base._FitTasks``):
+        a step of an auxiliary phase (``step(phase=...)``) is reported to them.
     """
 
-    def __init__(self, estimator, total):
+    def __init__(self, estimator, total, tasks=None):
+        self.tasks = tasks
         self.verbose = int(estimator.verbose or 0)
         self.interval = int(getattr(estimator, "verbose_interval", 10) or 10)
         self.name = type(estimator).__name__
@@ -67,7 +71,8 @@ class Progress:
         if self.verbose and total > 0 and _distributed.is_main_process():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=int(total), desc=self.name, leave=self.verbose > 1)
+            # left on screen: the last state a user sees is the finished fit (100 %)
+            self.bar = tqdm(total=int(total), desc=self.name, leave=True)
 
     def __enter__(self):
         return self
@@ -82,6 +87,8 @@ class Progress:
 
     def step(self, n=1, **postfix):
         """Advance by ``n`` steps, showing ``postfix`` (e.g. ``phase``, ``loss``)."""
+        if self.tasks is not None and "phase" in postfix:
+            self.tasks.phase_step(postfix["phase"])
         if self.bar is None:
             return
         self.bar.update(n)
@@ -106,9 +113,10 @@ class Progress:
                 print(line)
 
     def finish(self):
-        """Fill the bar to 100 % (the fit is done)."""
+        """Fill the bar to 100 % (the fit is done) and draw it."""
         if self.bar is not None:
             self.bar.update(max(self.bar.total - self.bar.n, 0))
+            self.bar.refresh()
 
     def close(self):
         if self.bar is not None:
