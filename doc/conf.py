@@ -33,8 +33,16 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "README.md", "images/README.md", "**/GALLERY_HEADER.rst"]
+exclude_patterns = [
+    "_build",
+    "README.md",
+    "**/GALLERY_HEADER.rst",
+    "auto_examples/*.ipynb",
+    "auto_examples/*.py",
+    "sg_execution_times.rst",
+]
 myst_heading_anchors = 3
+myst_enable_extensions = ["dollarmath", "colon_fence"]
 
 autosummary_generate = True
 autodoc_default_options = {"members": True, "inherited-members": True}
@@ -49,6 +57,9 @@ sphinx_gallery_conf = {
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
     "ignore_pattern": r"__init__\.py",
+    "backreferences_dir": "gen_modules/backreferences",
+    "doc_module": ("skdeepmix",),
+    "reference_url": {"skdeepmix": None},
     "download_all_examples": False,
     "within_subsection_order": "FileNameSortKey",
     "image_scrapers": ("matplotlib",),
