@@ -81,3 +81,28 @@ html_theme_options = {
     "footer_end": [],
 }
 html_context = {"default_mode": "light"}
+
+# Methods inherited from scikit-learn (``get_metadata_routing``, ``set_output``) carry
+# references to labels of scikit-learn's own documentation; link them to its pages.
+SKLEARN_LABELS = {
+    "metadata_routing": "metadata_routing.html",
+    "df_output_transform": "auto_examples/miscellaneous/plot_set_output.html",
+    "sphx_glr_auto_examples_miscellaneous_plot_set_output.py":
+        "auto_examples/miscellaneous/plot_set_output.html",
+}
+
+
+def _link_sklearn_labels(app, env, node, contnode):
+    from docutils import nodes
+
+    target = node.get("reftarget")
+    if node.get("refdomain") == "std" and target in SKLEARN_LABELS:
+        uri = "https://scikit-learn.org/stable/" + SKLEARN_LABELS[target]
+        ref = nodes.reference("", "", internal=False, refuri=uri)
+        ref += contnode
+        return ref
+    return None
+
+
+def setup(app):
+    app.connect("missing-reference", _link_sklearn_labels)

@@ -1,7 +1,7 @@
 """
-=====================================================
+===============================================
 One GaussianMixture fitted by several processes
-=====================================================
+===============================================
 
 A fit under ``torch.distributed`` (``torchrun``). This script is not run when the
 documentation is built.

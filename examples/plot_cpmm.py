@@ -1,7 +1,7 @@
 """
-===================================================
+=================================================
 Continuously parameterized mixtures on the digits
-===================================================
+=================================================
 
 A :class:`skdeepmix.CPMMEstimator` learns ``n_components`` trajectories of
 mixture-of-factor-analyser components: a neural ODE moves the component parameters

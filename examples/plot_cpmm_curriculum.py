@@ -1,7 +1,7 @@
 """
-==================================================
+===============================================
 CPMM with the flow curriculum: two broken rings
-==================================================
+===============================================
 
 The CPMM paper trains its trajectories through a *curriculum*: a continuous
 normalizing flow (the teacher) maps the data to a Gaussian, and the mixture is

@@ -1,7 +1,7 @@
 """
-================================================
+========================================
 Deep convolutional GMM on the 8x8 digits
-================================================
+========================================
 
 A two-level :class:`skdeepmix.DCGMMEstimator`, ``F(3,1)-G(25)-F-G(25)``: the lower
 ``G`` layer is a GMM of all 3x3 patches (shared over positions), the top ``G``

@@ -1,7 +1,7 @@
 """
-======================================
+===================================
 Deep GMM beside a GMM on the digits
-======================================
+===================================
 
 A deep Gaussian mixture (van den Oord & Schrauwen, 2014) with layers of ``(3, 8)``
 nodes is a Gaussian mixture with 24 tied components, one per path through the

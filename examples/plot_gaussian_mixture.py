@@ -1,7 +1,7 @@
 """
-==================================================
+===============================================
 GaussianMixture as a drop-in for scikit-learn's
-==================================================
+===============================================
 
 :class:`skdeepmix.GaussianMixture` takes the parameters of
 :class:`sklearn.mixture.GaussianMixture` and, started from the same initial

@@ -1,7 +1,7 @@
 """
-=====================================================================
+===========================================================
 GMVAEDPGMM on the digits: the number of clusters is learned
-=====================================================================
+===========================================================
 
 A Gaussian-mixture VAE with a Dirichlet-process prior,
 :class:`skdeepmix.GMVAEDPGMM` (truncation 30, every other parameter at its default),

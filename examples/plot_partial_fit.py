@@ -1,7 +1,7 @@
 """
-=========================================================
+==========================================================
 Fitting in pieces: partial_fit, float32 and sample weights
-=========================================================
+==========================================================
 
 Three ways to fit :class:`skdeepmix.GaussianMixture` when the data do not arrive,
 or do not fit, all at once:
