@@ -8,6 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "doc"))  # _gallery_order
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # gallery examples: reproducible, one thread
 
 import skdeepmix  # noqa: E402
@@ -61,7 +62,7 @@ sphinx_gallery_conf = {
     "doc_module": ("skdeepmix",),
     "reference_url": {"skdeepmix": None},
     "download_all_examples": False,
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "_gallery_order.ExampleOrder",
     "image_scrapers": ("matplotlib",),
     "matplotlib_animations": False,
     "reset_modules": ("matplotlib",),
@@ -74,6 +75,8 @@ html_theme = "pydata_sphinx_theme"
 html_title = "skdeepmix"
 html_static_path = []
 html_theme_options = {
+    "header_links_before_dropdown": 5,
+    "navbar_align": "left",
     "navbar_end": ["navbar-icon-links"],
     "show_prev_next": False,
     "secondary_sidebar_items": ["page-toc"],

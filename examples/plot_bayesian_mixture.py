@@ -1,7 +1,7 @@
 """
-===========================================================
-BayesianGaussianMixture: letting the prior prune components
-===========================================================
+==================================================
+A variational mixture: the prior prunes components
+==================================================
 
 A variational Gaussian mixture with a Dirichlet-process prior on the weights,
 :class:`skdeepmix.BayesianGaussianMixture`, is given more components than the data
