@@ -79,11 +79,21 @@ html_theme_options = {
     "navbar_align": "left",
     "navbar_end": ["navbar-icon-links"],
     "show_prev_next": False,
-    "secondary_sidebar_items": ["page-toc"],
+    # the examples' sections are short: their width goes to the code instead
+    "secondary_sidebar_items": {
+        "**": ["page-toc"],
+        **{f"auto_examples/{p.stem}": [] for p in (ROOT / "examples").glob("*.py")},
+    },
     "footer_start": ["copyright"],
     "footer_end": [],
 }
 html_context = {"default_mode": "light"}
+# pages without sub-pages: no (empty) section navigation on the left
+html_sidebars = {
+    page: []
+    for page in ("index", "getting_started", "choosing", "drop_in", "scaling", "concepts",
+                 "changelog", "design")
+}
 
 # Methods inherited from scikit-learn (``get_metadata_routing``, ``set_output``) carry
 # references to labels of scikit-learn's own documentation; link them to its pages.
