@@ -240,7 +240,7 @@ NOTES = """\
 ## Notes
 
 * **Defaults** (chosen on the validation splits, never on a test split; what was tried
-  is in `doc/cpmm.md`): `n_components=10, n_points_per_trajectory=25, rank=8,
+  is in `doc/user_guide/cpmm.md`): `n_components=10, n_points_per_trajectory=25, rank=8,
   hidden_size=32, ode_step_size=0.5` (RK4), `min_variance=1e-4` (relative to the mean
   feature variance), `learning_rate=3e-3, batch_size=256, max_iter=200, tol=1e-3`
   (smoothed relative test), no curriculum. The tuned row changes only what it shows;

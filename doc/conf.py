@@ -8,6 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "doc"))  # _gallery_order
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # gallery examples: reproducible, one thread
 
 import skdeepmix  # noqa: E402
@@ -33,8 +34,16 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "README.md", "images/README.md", "**/GALLERY_HEADER.rst"]
+exclude_patterns = [
+    "_build",
+    "README.md",
+    "**/GALLERY_HEADER.rst",
+    "auto_examples/*.ipynb",
+    "auto_examples/*.py",
+    "sg_execution_times.rst",
+]
 myst_heading_anchors = 3
+myst_enable_extensions = ["dollarmath", "colon_fence"]
 
 autosummary_generate = True
 autodoc_default_options = {"members": True, "inherited-members": True}
@@ -49,8 +58,11 @@ sphinx_gallery_conf = {
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
     "ignore_pattern": r"__init__\.py",
+    "backreferences_dir": "gen_modules/backreferences",
+    "doc_module": ("skdeepmix",),
+    "reference_url": {"skdeepmix": None},
     "download_all_examples": False,
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "_gallery_order.ExampleOrder",
     "image_scrapers": ("matplotlib",),
     "matplotlib_animations": False,
     "reset_modules": ("matplotlib",),
@@ -61,12 +73,50 @@ sphinx_gallery_conf = {
 
 html_theme = "pydata_sphinx_theme"
 html_title = "skdeepmix"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
+    "header_links_before_dropdown": 5,
+    "navbar_align": "left",
     "navbar_end": ["navbar-icon-links"],
     "show_prev_next": False,
-    "secondary_sidebar_items": ["page-toc"],
+    # the examples' sections are short: their width goes to the code instead
+    "secondary_sidebar_items": {
+        "**": ["page-toc"],
+        **{f"auto_examples/{p.stem}": [] for p in (ROOT / "examples").glob("*.py")},
+    },
     "footer_start": ["copyright"],
     "footer_end": [],
 }
 html_context = {"default_mode": "light"}
+# pages without sub-pages: no (empty) section navigation on the left
+html_sidebars = {
+    page: []
+    for page in ("index", "getting_started", "choosing", "drop_in", "scaling", "concepts",
+                 "changelog", "design")
+}
+
+# Methods inherited from scikit-learn (``get_metadata_routing``, ``set_output``) carry
+# references to labels of scikit-learn's own documentation; link them to its pages.
+SKLEARN_LABELS = {
+    "metadata_routing": "metadata_routing.html",
+    "df_output_transform": "auto_examples/miscellaneous/plot_set_output.html",
+    "sphx_glr_auto_examples_miscellaneous_plot_set_output.py":
+        "auto_examples/miscellaneous/plot_set_output.html",
+}
+
+
+def _link_sklearn_labels(app, env, node, contnode):
+    from docutils import nodes
+
+    target = node.get("reftarget")
+    if node.get("refdomain") == "std" and target in SKLEARN_LABELS:
+        uri = "https://scikit-learn.org/stable/" + SKLEARN_LABELS[target]
+        ref = nodes.reference("", "", internal=False, refuri=uri)
+        ref += contnode
+        return ref
+    return None
+
+
+def setup(app):
+    app.connect("missing-reference", _link_sklearn_labels)

@@ -1,4 +1,10 @@
-"""Fit one GaussianMixture with several processes (torch.distributed).
+"""
+===============================================
+One GaussianMixture fitted by several processes
+===============================================
+
+A fit under ``torch.distributed`` (``torchrun``). This script is not run when the
+documentation is built.
 
 Run on one machine with 2 processes::
 

@@ -102,7 +102,7 @@ default='dirichlet_process'
         A 0-d array for 'tied' (one Wishart for all components).
     covariance_prior_ : float or ndarray
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Only when ``X`` has string feature names.
 
     Examples

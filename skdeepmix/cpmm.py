@@ -108,7 +108,7 @@ class CPMMEstimator(BaseDeepMixture):
         space. Applied as the paper's soft clip (``log d = m +
         softplus(raw - m)``; the paper clips at ``log d >= -6`` in its logit
         space). Like ``reg_covar``, it keeps components from collapsing onto
-        (nearly) constant pixels; chosen by validation (doc/cpmm.md).
+        (nearly) constant pixels; chosen by validation (doc/user_guide/cpmm.md).
     pseudotimes : {'uniform', 'fixed'}, default='uniform'
         Pseudotimes per training step: ``G`` sorted uniform draws, or the
         evenly spaced extraction times.
@@ -131,7 +131,7 @@ class CPMMEstimator(BaseDeepMixture):
     curriculum : {'flow'} or None, default=None
         ``'flow'``: the paper's curriculum through the spaces of a flow
         teacher; ``None``: direct training from a k-means start (the default:
-        better and faster in our CPU-scale measurements, see doc/cpmm.md).
+        better and faster in our CPU-scale measurements, see doc/user_guide/cpmm.md).
     n_spaces : int, default=51
         Spaces of the curriculum, latent and input space included.
     space_iter : int, default=1

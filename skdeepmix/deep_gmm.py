@@ -174,7 +174,7 @@ class DeepGMMEstimator(BaseDeepMixture):
     n_steps_ : int
         Number of :meth:`partial_fit` calls since the last initialisation.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
 
     Notes
     -----

@@ -98,7 +98,7 @@ class GaussianMixture(BaseEMMixture):
         Number of :meth:`partial_fit` calls since the last initialisation.
     lower_bounds_ : list of float
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Only when ``X`` has string feature names.
 
     Examples

@@ -178,7 +178,7 @@ class GMVAEDPGMM(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseDeepMixt
     converged_ : bool
     n_iter_ : int
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Only when ``X`` has string feature names.
 
     Examples
