@@ -234,7 +234,8 @@ def test_prior_scatter_is_the_data_space_scatter_of_every_path():
 def test_prior_keeps_a_deep_fit_on_few_samples_sane():
     rng = np.random.RandomState(0)
     X = rng.randn(120, 6) @ rng.randn(6, 6)  # 120 samples for 16 paths in 6-D
-    plain = DeepGMMEstimator((2, 2, 4), random_state=0, max_iter=40).fit(X[:80])
+    plain = DeepGMMEstimator((2, 2, 4), prior_count=0.0, random_state=0,
+                             max_iter=40).fit(X[:80])
     prior = DeepGMMEstimator((2, 2, 4), prior_count=8.0, random_state=0, max_iter=40).fit(X[:80])
     assert prior.score(X[80:]) > plain.score(X[80:]) + 1.0
     for A in prior.transforms_:  # no drift along the gauge between layers
@@ -265,7 +266,8 @@ def test_hard_m_step_gain_equals_log_likelihood_gain():
 @pytest.mark.parametrize("K", [1, 3])
 def test_one_layer_equals_gaussian_mixture(K):
     X = _blobs()
-    est = DeepGMMEstimator((K,), algorithm="soft_em", random_state=0, max_iter=200,
+    est = DeepGMMEstimator((K,), algorithm="soft_em", prior_count=0.0, random_state=0,
+                           max_iter=200,
                            tol=1e-6).fit(X)
     A, b = est.transforms_[0], est.biases_[0]
     gmm = _sklearn_gmm(est.path_weights_, b, A @ A.transpose(0, 2, 1))

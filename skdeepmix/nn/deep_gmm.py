@@ -479,16 +479,9 @@ def cluster_gaussians(X, labels, reference_means, reg_covar, chunk_size, partiti
     stats = SufficientStatistics("full", reference_means, reference_means.mean(0))
     chunks = list(iter_row_chunks(X.shape[0], chunk_size))
     one_hot = lambda rows: nn.functional.one_hot(labels[rows], K).to(X.dtype)  # noqa: E731
-    for rows in chunks:
-        stats.add(X[rows], one_hot(rows))
-    stats.reduce(partition)
-    counts, means, covs, loss = stats.mixture_parameters(0.0)
-    if stats.needs_exact_pass(loss):
-        stats.reset_second_moments()
-        for rows in chunks:
-            stats.add_exact(X[rows], one_hot(rows), means)
-        stats.reduce(partition, second_only=True)
-        counts, means, covs, _ = stats.mixture_parameters(0.0)
+    counts, means, covs = stats.accumulate(  # an exact second pass only where needed
+        lambda exact: ({"X": X[rows], "resp": one_hot(rows)} for rows in chunks), 0.0,
+        partition)
     weights = counts / counts.sum()
     mean = weights @ means
     delta = means - mean
