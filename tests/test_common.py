@@ -207,6 +207,22 @@ def test_not_fitted_and_bad_input(name):
         fitted_model.score_samples(np.ones((3, N_FEATURES + 1)))
 
 
+#: default fits on load_digits of the estimators without such a test in their
+#: own file (test_cpmm.py, test_dcgmm.py and test_gmvae_dpgmm.py have theirs)
+DEFAULT_DIGITS_FITS = ["GaussianMixture", "BayesianGaussianMixture", "DeepGMMEstimator"]
+
+
+@pytest.mark.parametrize("name", DEFAULT_DIGITS_FITS)
+def test_default_fit_on_digits_converges(name):
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data  # as a user passes it: integers 0..16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        model = getattr(skdeepmix, name)(random_state=0).fit(X)
+    assert model.converged_ and np.isfinite(model.score(X))
+
+
 @pytest.mark.parametrize("name", sorted(GRADIENT_TRAINED))
 def test_a_huge_learning_rate_is_reported(name):
     model = _estimator(name, learning_rate=1e6, max_iter=3, **GRADIENT_TRAINED[name])
