@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import copy
 import pickle
-import tempfile
-import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +21,8 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 import skdeepmix
 from skdeepmix import TrainingDivergedError
+
+from _gloo import run_on_ranks
 
 N_FEATURES = 4
 
@@ -243,55 +242,27 @@ def test_huge_inputs_give_a_clear_error_or_a_finite_model(name):
 
 
 # ------------------------------------------------------------ distributed
-WORLD_SIZE = 2
-
-
-def _worker(rank, world_size, out_dir):
-    torch.set_num_threads(1)
-    # a file store: no TCP port that another test run could take first
-    torch.distributed.init_process_group(
-        "gloo", init_method=(Path(out_dir) / "store").as_uri(), rank=rank,
-        world_size=world_size)
+def _fit_every_estimator_on_a_shard(rank):
+    """Scores of every estimator fitted on this rank's shard (unequal shards)."""
     results = {}
-    try:
-        X = _data(n=300)
-        shard = X[:130] if rank == 0 else X[130:]  # unequal shards
-        for name in sorted(SMALL):
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    model = _estimator(name).fit(shard)
-                messages = [str(w.message) for w in caught
-                            if not issubclass(w.category, ConvergenceWarning)]
-                results[name] = {"scores": model.score_samples(X), "warnings": messages}
-            except Exception as exc:  # reported by the test
-                results[name] = f"{type(exc).__name__}: {exc}"
-    finally:
-        torch.distributed.destroy_process_group()
-        with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
-            pickle.dump(results, f)
+    X = _data(n=300)
+    shard = X[:130] if rank == 0 else X[130:]
+    for name in sorted(SMALL):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = _estimator(name).fit(shard)
+            messages = [str(w.message) for w in caught
+                        if not issubclass(w.category, ConvergenceWarning)]
+            results[name] = {"scores": model.score_samples(X), "warnings": messages}
+        except Exception as exc:  # reported by the test
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
 
 
 @pytest.fixture(scope="module")
 def distributed_results():
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = torch.multiprocessing.start_processes(
-            _worker, args=(WORLD_SIZE, out_dir), nprocs=WORLD_SIZE,
-            join=False, start_method="spawn",
-        )
-        deadline = time.monotonic() + 600  # a deadlock must fail, not hang
-        while not context.join(timeout=2):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail("the distributed workers did not finish within 10 minutes")
-        results = []
-        for rank in range(WORLD_SIZE):
-            with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as f:
-                results.append(pickle.load(f))
-    return results
+    return run_on_ranks(_fit_every_estimator_on_a_shard)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

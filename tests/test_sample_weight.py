@@ -6,19 +6,16 @@ rows. The equivalences are exact with the same explicit initial state (random
 initialisations draw differently from weighted and repeated rows).
 """
 
-import pickle
-import tempfile
-import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.datasets import make_blobs
 from sklearn.exceptions import ConvergenceWarning
 
 from skdeepmix import BayesianGaussianMixture, GaussianMixture
+
+from _gloo import run_on_ranks
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 PRIOR_TYPES = ["dirichlet_process", "dirichlet_distribution"]
@@ -198,7 +195,6 @@ def test_bayesian_default_covariance_prior_needs_total_weight_above_one():
 
 
 # ------------------------------------------------------------- distributed
-WORLD_SIZE = 2
 INITS = ["kmeans", "k-means++", "random_from_data"]
 
 
@@ -218,37 +214,14 @@ def _distributed_fits(X, w, split=None):
     return results
 
 
-def _worker(rank, world_size, out_dir):
-    torch.set_num_threads(1)
-    # a file store: no TCP port that another test run could take first
-    torch.distributed.init_process_group(
-        "gloo", init_method=(Path(out_dir) / "store").as_uri(), rank=rank,
-        world_size=world_size)
-    try:
-        X, w = _data(n=240, seed=1)
-        split = slice(0, 100) if rank == 0 else slice(100, None)  # unequal shards
-        with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
-            pickle.dump(_distributed_fits(X, w, split), f)
-    finally:
-        torch.distributed.destroy_process_group()
+def _weighted_fits_on_a_shard(rank):
+    X, w = _data(n=240, seed=1)
+    split = slice(0, 100) if rank == 0 else slice(100, None)  # unequal shards
+    return _distributed_fits(X, w, split)
 
 
 def test_distributed_weighted_fits_equal_the_single_process_fit():
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = torch.multiprocessing.start_processes(
-            _worker, args=(WORLD_SIZE, out_dir), nprocs=WORLD_SIZE,
-            join=False, start_method="spawn",
-        )
-        deadline = time.monotonic() + 600  # a deadlock must fail, not hang
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail("the distributed workers did not finish within 10 minutes")
-        ranks = [pickle.loads((Path(out_dir) / f"rank{r}.pkl").read_bytes())
-                 for r in range(WORLD_SIZE)]
+    ranks = run_on_ranks(_weighted_fits_on_a_shard)
     single = _distributed_fits(*_data(n=240, seed=1))
     for key, expected in single.items():
         for rank, results in enumerate(ranks):

@@ -6,10 +6,7 @@ single-process fit on the concatenated shards.
 """
 
 import pickle
-import tempfile
-import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +21,10 @@ from skdeepmix._base import BaseDeepMixture
 from skdeepmix._torch_utils import RowSource, is_out_of_core
 from skdeepmix._train import make_optimizer, train_epoch, train_step
 
+from _gloo import run_on_ranks
+
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 INITS = ["kmeans", "k-means++", "random_from_data"]
-WORLD_SIZE = 2
 
 
 def _rel_error(actual, expected):
@@ -137,89 +135,64 @@ def _tiny_params(**extra):
 
 
 # ------------------------------------------------------------ the spawn
-def _worker(rank, world_size, out_dir):
-    torch.set_num_threads(1)
-    # a file store: no TCP port that another test run could take first
-    torch.distributed.init_process_group(
-        "gloo", init_method=(Path(out_dir) / "store").as_uri(), rank=rank,
-        world_size=world_size)
+def _fits_on_a_shard(rank):
+    """What every distributed fit of this module gives on this rank."""
+    results = {}
+    X = _distributed_data()
+    split = int(0.4 * len(X))  # unequal shards: 360 and 540 rows
+    shard = X[:split] if rank == 0 else X[split:]
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    for covariance_type in COVARIANCE_TYPES:
+        for init_params in INITS:
+            model = GaussianMixture(**_gm_params(covariance_type, init_params)).fit(shard)
+            results[("gm", covariance_type, init_params)] = {
+                name: getattr(model, name)
+                for name in ["means_", "covariances_", "weights_", "lower_bound_", "n_iter_"]
+            }
+    # partial_fit on distributed mini-batches: one step uses both ranks' batches
+    # (every rank must make the same number of calls)
+    online = GaussianMixture(3, covariance_type="diag", random_state=0, device="cpu")
+    for start in range(0, 300, 60):
+        online.partial_fit(shard[start : start + 60])
+    results["partial_fit"] = {"means_": online.means_, "n_steps_": online.n_steps_}
+    # gradient training, equal shards, one full batch per epoch: equals one process
+    Xg = _distributed_data()[:800]
+    half = Xg[:400] if rank == 0 else Xg[400:]
+    full = TinyGradientMixture(**_tiny_params(batch_size=400, max_iter=6)).fit(half)
+    results["grad_full_batch"] = {k: v.numpy() for k, v in full.module_.state_dict().items()}
+    results["grad_full_batch_lb"] = full.lower_bound_
+    # unequal shards, mini-batches (different numbers of batches per rank)
+    mini = TinyGradientMixture(**_tiny_params(batch_size=50, max_iter=3)).fit(shard)
+    results["grad_minibatch"] = {k: v.numpy() for k, v in mini.module_.state_dict().items()}
+    mini.partial_fit(shard[:40])
+    results["grad_partial"] = {k: v.numpy() for k, v in mini.module_.state_dict().items()}
+    # a deep estimator that trains through train_epoch
     try:
-        results = {}
-        X = _distributed_data()
-        split = int(0.4 * len(X))  # unequal shards: 360 and 540 rows
-        shard = X[:split] if rank == 0 else X[split:]
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for covariance_type in COVARIANCE_TYPES:
-            for init_params in INITS:
-                model = GaussianMixture(**_gm_params(covariance_type, init_params)).fit(shard)
-                results[("gm", covariance_type, init_params)] = {
-                    name: getattr(model, name)
-                    for name in ["means_", "covariances_", "weights_", "lower_bound_", "n_iter_"]
-                }
-        # partial_fit on distributed mini-batches: one step uses both ranks' batches
-        # (every rank must make the same number of calls)
-        online = GaussianMixture(3, covariance_type="diag", random_state=0, device="cpu")
-        for start in range(0, 300, 60):
-            online.partial_fit(shard[start : start + 60])
-        results["partial_fit"] = {"means_": online.means_, "n_steps_": online.n_steps_}
-        # gradient training, equal shards, one full batch per epoch: equals one process
-        Xg = _distributed_data()[:800]
-        half = Xg[:400] if rank == 0 else Xg[400:]
-        full = TinyGradientMixture(**_tiny_params(batch_size=400, max_iter=6)).fit(half)
-        results["grad_full_batch"] = {k: v.numpy() for k, v in full.module_.state_dict().items()}
-        results["grad_full_batch_lb"] = full.lower_bound_
-        # unequal shards, mini-batches (different numbers of batches per rank)
-        mini = TinyGradientMixture(**_tiny_params(batch_size=50, max_iter=3)).fit(shard)
-        results["grad_minibatch"] = {k: v.numpy() for k, v in mini.module_.state_dict().items()}
-        mini.partial_fit(shard[:40])
-        results["grad_partial"] = {k: v.numpy() for k, v in mini.module_.state_dict().items()}
-        # a deep estimator that trains through train_epoch
-        try:
-            from skdeepmix.deep_gmm import DeepGMMEstimator
+        from skdeepmix.deep_gmm import DeepGMMEstimator
 
-            deep = DeepGMMEstimator(
-                algorithm="adam", max_iter=2, batch_size=64, random_state=0, device="cpu"
-            ).fit(shard[:300] if rank == 0 else shard[:250])
-            states = [{k: v.numpy().copy() for k, v in deep.module_.state_dict().items()}]
-            deep.partial_fit(shard[:40])
-            states.append({k: v.numpy().copy() for k, v in deep.module_.state_dict().items()})
-            results["deep_gmm"] = states
-            # hard EM with the heuristic E-step (random restarts): exact statistics
-            # (several iterations: one model on every rank; one iteration: the model
-            # of one process on all the rows, up to the order of the sums)
-            results["deep_gmm_em"] = [
-                DeepGMMEstimator((3, 2, 2), path_search="heuristic", max_iter=max_iter,
-                                 random_state=0, device="cpu").fit(shard).score_samples(X)
-                for max_iter in (4, 1)
-            ]
-        except Exception as exc:  # reported by the test that reads it
-            results["deep_gmm"] = f"{type(exc).__name__}: {exc}"
-        with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
-            pickle.dump(results, f)
-    finally:
-        torch.distributed.destroy_process_group()
+        deep = DeepGMMEstimator(
+            algorithm="adam", max_iter=2, batch_size=64, random_state=0, device="cpu"
+        ).fit(shard[:300] if rank == 0 else shard[:250])
+        states = [{k: v.numpy().copy() for k, v in deep.module_.state_dict().items()}]
+        deep.partial_fit(shard[:40])
+        states.append({k: v.numpy().copy() for k, v in deep.module_.state_dict().items()})
+        results["deep_gmm"] = states
+        # hard EM with the heuristic E-step (random restarts): exact statistics
+        # (several iterations: one model on every rank; one iteration: the model
+        # of one process on all the rows, up to the order of the sums)
+        results["deep_gmm_em"] = [
+            DeepGMMEstimator((3, 2, 2), path_search="heuristic", max_iter=max_iter,
+                             random_state=0, device="cpu").fit(shard).score_samples(X)
+            for max_iter in (4, 1)
+        ]
+    except Exception as exc:  # reported by the test that reads it
+        results["deep_gmm"] = f"{type(exc).__name__}: {exc}"
+    return results
 
 
 @pytest.fixture(scope="module")
 def distributed_results():
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = torch.multiprocessing.start_processes(
-            _worker, args=(WORLD_SIZE, out_dir), nprocs=WORLD_SIZE,
-            join=False, start_method="spawn",
-        )
-        deadline = time.monotonic() + 600  # a deadlock must fail, not hang
-        while not context.join(timeout=2):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail("the distributed workers did not finish within 10 minutes")
-        results = []
-        for rank in range(WORLD_SIZE):
-            with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as f:
-                results.append(pickle.load(f))
-    return results
+    return run_on_ranks(_fits_on_a_shard)
 
 
 @pytest.mark.parametrize("init_params", INITS)
