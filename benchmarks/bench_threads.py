@@ -27,7 +27,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "threads.md"
 ESTIMATORS = [
     "GaussianMixture(10)",
-    "BayesianGaussianMixture(10)",
+    "BayesianGaussianMixture(n_components=10)",
     "DeepGMMEstimator()",
     "CPMMEstimator()",
     "DCGMMEstimator()",
