@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from skdeepmix.datasets import load_mnist, make_bsds300_patches  # noqa: E402
 from skdeepmix.deep_gmm import DeepGMMEstimator  # noqa: E402
+from skdeepmix.nn.cpmm import logit_transform  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -92,11 +93,9 @@ def mnist(n_train, n_val, n_test, n_dims=30, logit=False):
     X_test = X_test[rng.permutation(len(X_test))[:n_test]]
     dequantise = lambda A: (A + rng.uniform(size=A.shape)) / 256.0  # noqa: E731
     X_train, X_val, X_test = (dequantise(A) for A in (X_train, X_val, X_test))
-    if logit:  # the logit transform of the flow/CPMM literature, alpha = 1e-6
-        alpha = 1e-6
-        X_train, X_val, X_test = (
-            np.log(a / (1 - a)) for a in (alpha + (1 - 2 * alpha) * A
-                                          for A in (X_train, X_val, X_test)))
+    if logit:  # CPMM's logit transform (alpha = 1e-6); the task is the PCA space
+        X_train, X_val, X_test = (logit_transform(torch.from_numpy(A))[0].numpy()
+                                  for A in (X_train, X_val, X_test))
     pca = PCA(n_dims, random_state=0).fit(X_train)
     return tuple(pca.transform(A) for A in (X_train, X_val, X_test))
 
