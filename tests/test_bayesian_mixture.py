@@ -1,9 +1,7 @@
 """skdeepmix.BayesianGaussianMixture against scikit-learn's, and its torch DP twin."""
 
-import importlib.util
 import pickle
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +14,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skdeepmix import BayesianGaussianMixture
 from skdeepmix.nn.dpgmm import DirichletProcessGMM
+
+from _scripts import load_benchmark
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 PRIOR_TYPES = ["dirichlet_process", "dirichlet_distribution"]
@@ -312,10 +312,7 @@ def test_given_priors_are_used(blobs):
 
 def test_benchmark_quick_run(tmp_path):
     """benchmarks/bench_bayesian_mixture.py --quick runs and writes its tables."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bayesian_mixture.py"
-    spec = importlib.util.spec_from_file_location("bench_bayesian_mixture", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_bayesian_mixture")
     out = tmp_path / "bayesian_mixture.md"
     threads = torch.get_num_threads()
     bench.main(["--quick", "--out", str(out)])

@@ -1,18 +1,15 @@
 """benchmarks/check_cuda.py, the GPU check, runs end to end in its CPU mode."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "check_cuda.py"
+from _scripts import load_benchmark
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_check_cuda_cpu_mode(tmp_path):
-    spec = importlib.util.spec_from_file_location("check_cuda", SCRIPT)
-    check_cuda = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check_cuda)
+    check_cuda = load_benchmark("check_cuda")
     out = check_cuda.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "check.md")])
     text = Path(out).read_text()
     for name in ("GaussianMixture", "BayesianGaussianMixture", "CPMMEstimator",

@@ -19,6 +19,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from skdeepmix import GaussianMixture
 from skdeepmix._kmeans import kmeans
 
+from _scripts import load_benchmark
+
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 
 
@@ -390,13 +392,7 @@ def test_cuda_fit_matches_cpu(blobs):
 
 def test_benchmark_quick_run(tmp_path):
     """benchmarks/bench_gaussian_mixture.py --quick runs and writes its tables."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gaussian_mixture.py"
-    spec = importlib.util.spec_from_file_location("bench_gaussian_mixture", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_gaussian_mixture")
     out = tmp_path / "gaussian_mixture.md"
     threads = torch.get_num_threads()
     bench.main(["--quick", "--no-memory", "--out", str(out)])
