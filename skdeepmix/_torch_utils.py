@@ -255,10 +255,13 @@ def _cpu_times(cpus):
 
 
 def idle_cpus(interval=0.02):
-    """Number of this process's CPUs that are idle now (at least one).
+    """Number of this process's CPUs that no other process uses now (at least one).
 
     Measured from ``/proc/stat`` over ``interval`` seconds (while this thread
-    sleeps), among the CPUs the process may run on. Where that is not
+    sleeps), among the CPUs the process may run on: the idle time plus the
+    CPU time of this process's own threads (a BLAS pool still spinning after
+    a NumPy call is not a competitor; counting it as one made a fit's thread
+    count, and its speed, depend on what ran just before). Where that is not
     available, the number of usable CPUs.
     """
     import os
@@ -269,12 +272,14 @@ def idle_cpus(interval=0.02):
     except AttributeError:  # pragma: no cover - not Linux
         return max(os.cpu_count() or 1, 1)
     try:
-        before = _cpu_times(cpus)
+        before, own_before = _cpu_times(cpus), time.process_time()
+        start = time.perf_counter()
         time.sleep(interval)
-        after = _cpu_times(cpus)
+        after, own = _cpu_times(cpus), time.process_time() - own_before
+        elapsed_wall = time.perf_counter() - start
     except (OSError, ValueError):  # pragma: no cover - no /proc
         return max(len(cpus), 1)
-    idle = 0.0
+    idle = own / elapsed_wall if elapsed_wall > 0 else 0.0
     for cpu, (idle_after, total_after) in after.items():
         idle_before, total_before = before.get(cpu, (idle_after, total_after))
         elapsed = total_after - total_before

@@ -119,3 +119,23 @@ def test_generator_is_seeded_by_random_state():
         state = torch.random.get_rng_state()
         make_generator(None, torch.device("cpu"))
         assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_idle_cpus_counts_own_threads_as_available(monkeypatch):
+    """CPU time of this process's own threads (e.g. a BLAS pool still spinning
+    after a NumPy call) is not a competitor: two CPUs fully busy with our own
+    work are two CPUs available."""
+    import os
+    import time
+
+    from skdeepmix import _torch_utils
+
+    ticks = iter([{0: (0, 0), 1: (0, 0)}, {0: (0, 100), 1: (0, 100)}])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(_torch_utils, "_cpu_times", lambda cpus: next(ticks))
+    monkeypatch.setattr(time, "process_time", lambda: 2.0 * time.perf_counter())
+    assert _torch_utils.idle_cpus() == 2
+
+    ticks = iter([{0: (0, 0), 1: (0, 0)}, {0: (0, 100), 1: (0, 100)}])
+    monkeypatch.setattr(time, "process_time", lambda: 0.0)  # another process's load
+    assert _torch_utils.idle_cpus() == 1
