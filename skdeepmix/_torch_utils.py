@@ -239,52 +239,57 @@ def chunk_rows(work_per_row, chunk_size=None, *, budget=MEMORY_BUDGET, min_rows=
     return int(min(max(budget // max(int(work_per_row), 1), min_rows), max_rows))
 
 
-def _cpu_times(cpus):
-    """``{cpu: (idle, total)}`` jiffies from ``/proc/stat`` (Linux)."""
-    times = {}
+def _running_tasks():
+    """Tasks running or ready to run on the whole machine now (``/proc/stat``)."""
     with open("/proc/stat") as stat:
         for line in stat:
-            name, *fields = line.split()
-            if not name.startswith("cpu") or name == "cpu":
-                continue
-            cpu = int(name[3:])
-            if cpu in cpus:
-                values = [int(v) for v in fields[:8]]
-                times[cpu] = (values[3] + values[4], sum(values))
-    return times
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    raise ValueError("no procs_running in /proc/stat")
 
 
-def idle_cpus(interval=0.02):
+def _own_running_threads():
+    """This process's threads that are running or ready to run now."""
+    import os
+
+    running = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as stat:
+                running += stat.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):  # the thread ended meanwhile
+            continue
+    return running
+
+
+def idle_cpus(interval=0.02, samples=8):
     """Number of this process's CPUs that no other process uses now (at least one).
 
-    Measured from ``/proc/stat`` over ``interval`` seconds (while this thread
-    sleeps), among the CPUs the process may run on: the idle time plus the
-    CPU time of this process's own threads (a BLAS pool still spinning after
-    a NumPy call is not a competitor; counting it as one made a fit's thread
-    count, and its speed, depend on what ran just before). Where that is not
-    available, the number of usable CPUs.
+    ``samples`` snapshots over ``interval`` seconds of the machine's running
+    tasks (``procs_running`` of ``/proc/stat``) minus this process's own
+    running threads: the average is the number of competitors, subtracted from
+    the CPUs the process may run on. Instantaneous counts, not the CPU-time
+    counters (whose 10 ms ticks made a 20 ms measurement flip between one and
+    two idle CPUs, and with it a fit's thread count and speed); own threads
+    (a BLAS pool still spinning after a NumPy call) are not competitors. Where
+    ``/proc`` is not available, the number of usable CPUs.
     """
     import os
     import time
 
     try:
-        cpus = os.sched_getaffinity(0)
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return max(os.cpu_count() or 1, 1)
+    competitors = 0
     try:
-        before, own_before = _cpu_times(cpus), time.process_time()
-        start = time.perf_counter()
-        time.sleep(interval)
-        after, own = _cpu_times(cpus), time.process_time() - own_before
-        elapsed_wall = time.perf_counter() - start
+        for sample in range(samples):
+            if sample:
+                time.sleep(interval / samples)
+            competitors += max(_running_tasks() - _own_running_threads(), 0)
     except (OSError, ValueError):  # pragma: no cover - no /proc
-        return max(len(cpus), 1)
-    idle = own / elapsed_wall if elapsed_wall > 0 else 0.0
-    for cpu, (idle_after, total_after) in after.items():
-        idle_before, total_before = before.get(cpu, (idle_after, total_after))
-        elapsed = total_after - total_before
-        idle += (idle_after - idle_before) / elapsed if elapsed > 0 else 1.0
-    return max(int(idle + 0.25), 1)
+        return max(cpus, 1)
+    return max(int(cpus - competitors / samples + 0.25), 1)
 
 
 class limit_threads:
