@@ -183,6 +183,12 @@ class BaseEMMixture(BaseDeepMixture):
         """``log p(x, k) - log N(x; means_k, covariances_k)``, shape (n_components,)
         (the log-weights, or their expectation and the Wishart terms)."""
 
+    def _covariances_in_use(self, nk, means, covariances):
+        """The covariances the M-step will give the model from the data's
+        ``covariances`` (what must be positive definite; the data's own by
+        default)."""
+        return covariances
+
     # ------------------------------------------------------------ checks
     def _check_parameters(self, X, ctx):
         n_samples = self._n_weighted_rows(ctx)
@@ -299,7 +305,8 @@ class BaseEMMixture(BaseDeepMixture):
 
         for chunk, resp, chunk_weights in rows_again():
             em_pass.add(chunk, resp, chunk_weights)
-        nk, means, covariances = em_pass.finalize(reg_covar, ctx.partition, rows_again)
+        nk, means, covariances = em_pass.finalize(reg_covar, ctx.partition, rows_again,
+                                                  self._covariances_in_use)
         stats = em_pass.stats
         return MixtureStatistics(nk, means, covariances, float(stats.weight_sum),
                                  stats.log_prob_sum, stats.resp_log_resp_sum, stats.exact,

@@ -471,19 +471,23 @@ class SufficientStatistics:
 
         return self.finalize(reg_covar, partition, exact_pass)
 
-    def finalize(self, reg_covar, partition, exact_pass):
+    def finalize(self, reg_covar, partition, exact_pass, in_use=None):
         """The parameters once the first pass is added: sums over the
         processes, then, only when the centred sums lost too many digits
-        (:meth:`needs_exact_pass`) or left a 'full'/'tied' covariance that is
-        not positive definite (a near-singular one, e.g. of a component
-        collapsing onto a few rows), ``exact_pass(means)`` (which must
-        :meth:`add_exact` every row around the new ``means``).
+        (:meth:`needs_exact_pass`) or left a 'full'/'tied' covariance in use
+        that is not positive definite (a near-singular one, e.g. of a
+        component collapsing onto a few rows), ``exact_pass(means)`` (which
+        must :meth:`add_exact` every row around the new ``means``).
 
         Parameters
         ----------
         reg_covar : float
         partition : RowPartition or None
         exact_pass : callable
+        in_use : callable, optional
+            ``in_use(nk, means, covariances)``: the covariances the model
+            will use (e.g. a posterior that adds a prior), whose positive
+            definiteness is checked; by default ``covariances`` themselves.
 
         Returns
         -------
@@ -491,9 +495,12 @@ class SufficientStatistics:
             As :meth:`mixture_parameters`.
         """
         self.reduce(partition)
-        nk, means, covariances, loss = self.mixture_parameters(reg_covar)
-        if self.needs_exact_pass(loss) or not self.exact and not _positive_definite(
-                covariances, self.covariance_type):  # rounding broke a near-singular one
+        nk, means, covariances, rounding = self.mixture_parameters(reg_covar)
+        used = covariances if in_use is None else in_use(nk, means, covariances)
+        if not self.exact and (
+            self.needs_exact_pass(self._loss_of_precision(rounding, used, nk, means, in_use))
+            or not _positive_definite(used, self.covariance_type)
+        ):  # rounding lost too much, or broke a near-singular covariance
             self.second.zero_()
             self.exact = True  # also on a process without rows
             exact_pass(means)
@@ -515,9 +522,10 @@ class SufficientStatistics:
         means : Tensor of shape (K, d)
         covariances : Tensor
             Shape given by :func:`covariance_shape`, ``reg_covar`` added.
-        loss_of_precision : float
-            Largest ratio of a raw second moment to the regularised variance
-            derived from it: rounding lost about ``log10`` of it in digits.
+        rounding : Tensor
+            The raw second moments' diagonal (the variances' rounding error is
+            about ``eps`` times it), shape (K, d), (d,) for 'tied', (K,) for
+            'spherical'.
         """
         eps = torch.finfo(self.first.dtype).eps
         nk = self.resp_sum + 10 * eps
@@ -529,27 +537,34 @@ class SufficientStatistics:
             delta = means_c - self.reference
             cov = raw if exact else raw - delta[:, :, None] * delta[:, None, :]
             raw_diag = torch.diagonal(raw, dim1=1, dim2=2)
-            cov_diag = torch.diagonal(cov, dim1=1, dim2=2)
         elif self.covariance_type == "tied":
             raw = self.second / nk.sum()
             cov = raw if exact else raw - (nk[:, None] * means_c).T @ means_c / nk.sum()
-            raw_diag, cov_diag = torch.diagonal(raw), torch.diagonal(cov)
+            raw_diag = torch.diagonal(raw)
         else:
             raw = self.second / nk[:, None]
             cov = raw if exact else raw - (means_c - self.reference).square()
-            raw_diag, cov_diag = raw, cov
-            if self.covariance_type == "spherical":  # what the variance keeps
-                raw_diag, cov_diag = raw.mean(1), cov.mean(1)
-        # rounding error of the difference ~ eps * raw, relative to what is kept
-        floor = max(float(reg_covar), torch.finfo(raw.dtype).tiny)
-        loss_of_precision = float((raw_diag / (cov_diag.clamp_min(0.0) + floor)).max())
+            raw_diag = raw.mean(1) if self.covariance_type == "spherical" else raw
         if self.covariance_type in ("full", "tied"):
             cov = cov + reg_covar * torch.eye(n_features, dtype=cov.dtype, device=cov.device)
         else:
             cov = cov + reg_covar
             if self.covariance_type == "spherical":
                 cov = cov.mean(1)
-        return nk, means_c + self.center, cov, loss_of_precision
+        return nk, means_c + self.center, cov, raw_diag
+
+    def _loss_of_precision(self, rounding, used, nk, means, in_use):
+        """Largest ratio of the rounding scale of the data's variances to the
+        variances in use (through ``in_use``, affine in the data's
+        covariances, e.g. a posterior where the prior outweighs a near-empty
+        component): rounding lost about ``log10`` of it in digits."""
+        kind, error = self.covariance_type, rounding
+        if in_use is not None:
+            as_covariance = torch.diag_embed(rounding) if kind in ("full", "tied") else rounding
+            error = _variances(in_use(nk, means, as_covariance)
+                               - in_use(nk, means, torch.zeros_like(as_covariance)), kind)
+        kept = _variances(used, kind)
+        return float(torch.where(kept > 0, error / kept, torch.inf).max())
 
     def needs_exact_pass(self, loss_of_precision):
         """Whether the cancellation lost more than half the digits."""
@@ -836,7 +851,7 @@ class MixturePass:
             second = W / (P.square() if self.covariance_type == "diag" else P[:, None].square())
         return second.to(whitened_second.dtype)
 
-    def finalize(self, reg_covar, partition=None, exact_rows=None):
+    def finalize(self, reg_covar, partition=None, exact_rows=None, in_use=None):
         """The M-step's statistics, summed over the processes of ``partition``.
 
         Parameters
@@ -848,6 +863,8 @@ class MixturePass:
             (``resp`` None: the E-step's), for the exactly centred second pass
             (:meth:`SufficientStatistics.finalize`); required unless the
             pass never needs it.
+        in_use : callable, optional
+            As in :meth:`SufficientStatistics.finalize`.
 
         Returns
         -------
@@ -877,7 +894,7 @@ class MixturePass:
                 resp = self.responsibilities(X) if resp is None else resp
                 stats.add_exact(X, resp, means, sample_weight=sample_weight)
 
-        return stats.finalize(reg_covar, partition, exact_pass)
+        return stats.finalize(reg_covar, partition, exact_pass, in_use)
 
 
 def _circulant_pairs(n_features, device):
@@ -916,6 +933,13 @@ def _imprecise_components(offsets, precisions_cholesky, covariance_type):
     imprecise = (eps * (size + d) > EXPANSION_TOLERANCE) | (
         cancellation > 0.5 / math.sqrt(eps))
     return torch.nonzero(imprecise).flatten().tolist()
+
+def _variances(covariances, covariance_type):
+    """The per-feature variances of covariances of any type."""
+    if covariance_type in ("full", "tied"):
+        return torch.diagonal(covariances, dim1=-2, dim2=-1)
+    return covariances
+
 
 def _positive_definite(covariances, covariance_type):
     """Whether the Cholesky factorisation of every 'full'/'tied' covariance

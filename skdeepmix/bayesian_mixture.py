@@ -275,6 +275,16 @@ default='dirichlet_process'
             ),
         }
 
+    def _covariances_in_use(self, nk, means, covariances):
+        """The posterior's covariances: the data's plus the prior's (for a
+        near-empty component, rounding of its data covariance is outweighed
+        by the prior and needs no exact pass)."""
+        mean_prior, covariance_prior = self._prior_tensors(nk)
+        return G.normal_wishart_posterior(
+            nk, means, covariances, mean_prior, self.mean_precision_prior_,
+            self.degrees_of_freedom_prior_, covariance_prior, self.covariance_type,
+        )[3]
+
     def _objective(self, stats):
         """The variational lower bound (E-step entropy, M-step posterior)."""
         params = self._params

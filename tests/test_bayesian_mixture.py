@@ -324,3 +324,35 @@ def test_benchmark_quick_run(tmp_path):
             if line.startswith("| kmeans | near | full")]
     assert len(rows) == 2  # timings and lower bounds
     assert float(rows[1][8]) < 1e-9  # float64 lower bound, relative to scikit-learn's
+
+
+def test_near_empty_components_need_no_exact_pass():
+    """From scikit-learn's random initialisation, a few components end up
+    with one or two rows. Their data covariances are rank-deficient, so in
+    float32 their centred sums round to nothing that is positive definite.
+    The posterior adds the covariance prior, which outweighs that rounding, so
+    no exactly centred second pass is needed. The fit still matches float64."""
+    X, _ = make_blobs(5000, 16, centers=8, random_state=0)
+    state = ["weight_concentration_", "mean_precision_", "means_", "degrees_of_freedom_",
+             "covariances_", "precisions_cholesky_"]
+    start = SklearnBayesianGaussianMixture(n_components=8, init_params="random",
+                                           max_iter=0, random_state=0).fit(X)
+
+    def fit(dtype, data_covariances_in_use=False):
+        model = BayesianGaussianMixture(n_components=8, tol=0.0, warm_start=True,
+                                        max_iter=30, dtype=dtype, device="cpu")
+        for name in state:
+            setattr(model, name, np.asarray(getattr(start, name), dtype=dtype))
+        model.converged_, model.lower_bound_ = False, -np.inf
+        if data_covariances_in_use:  # the check a GaussianMixture makes
+            model._covariances_in_use = lambda nk, means, covariances: covariances
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return model.fit(X.astype(dtype))
+
+    exact_passes = lambda model: sum(h["exact_pass"] for h in model.history_)  # noqa: E731
+    assert exact_passes(fit("float32", data_covariances_in_use=True)) > 0  # the scenario
+    float32, float64 = fit("float32"), fit("float64")
+    assert exact_passes(float32) == 0
+    assert abs(float32.lower_bound_ - float64.lower_bound_) < 1e-5 * abs(float64.lower_bound_)
+    np.testing.assert_allclose(float32.weights_, float64.weights_, atol=1e-4)
