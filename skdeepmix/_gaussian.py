@@ -314,8 +314,9 @@ class SufficientStatistics:
     the 'diag'/'spherical' second moments on ``center`` (a caller that adds
     its own sums may centre component ``k``'s on ``center + reference[k]``).
     What cancellation remains is measured by :meth:`mixture_parameters`; when
-    it lost too many digits (:meth:`needs_exact_pass`) the second moments are
-    redone exactly centred on the new means (:meth:`add_exact`).
+    it lost too many digits (:meth:`cancellation_limit`) the second moments of
+    the components concerned are redone exactly centred on the new means
+    (:meth:`add_exact`).
     :meth:`accumulate` runs both passes.
 
     Rows may carry weights (``sample_weight``: a row of weight 2 counts as
@@ -338,7 +339,9 @@ class SufficientStatistics:
         Where each component's second moments are centred, relative to
         ``center`` ('full': ``reference_means - center``; otherwise zeros).
     exact : bool
-        Whether the second moments were redone exactly centred.
+        Whether an exactly centred pass redid second moments.
+    recentred : Tensor of shape (n_components,) of bool
+        The components whose second moments it redid (all for 'tied').
     """
 
     def __init__(self, covariance_type, reference_means, center):
@@ -356,6 +359,7 @@ class SufficientStatistics:
         self.log_prob_sum = torch.zeros((), **scalar)
         self.resp_log_resp_sum = torch.zeros((), **scalar)
         self.exact = False
+        self.recentred = torch.zeros(n_components, dtype=torch.bool, device=center.device)
 
     def add(self, X, resp, *, sample_weight=None, X_var=None, log_prob_norm=None,
             log_resp=None):
@@ -402,12 +406,15 @@ class SufficientStatistics:
             self.second += resp.T @ Xc.square()
         self._add_variances(resp, X_var)
 
-    def add_exact(self, X, resp, means, *, sample_weight=None, X_var=None):
+    def add_exact(self, X, resp, means, *, sample_weight=None, X_var=None, components=None):
         """Add second moments of rows ``X`` exactly centred on ``means``
-        (the arguments as in :meth:`add`)."""
+        (the arguments as in :meth:`add`), of the ``components`` (a list of
+        indices; all by default)."""
         if sample_weight is not None:
             resp = resp * sample_weight[:, None]
-        for k in range(resp.shape[1]):
+        if components is None or self.covariance_type == "tied":
+            components = range(resp.shape[1])
+        for k in components:
             centred = X - means[k]
             weighted = centred * resp[:, k : k + 1]
             if self.covariance_type == "full":
@@ -465,19 +472,20 @@ class SufficientStatistics:
         for batch in batches(False):
             self.add(**batch)
 
-        def exact_pass(means):
+        def exact_pass(means, components):
             for batch in batches(True):
-                self.add_exact(means=means, **batch)
+                self.add_exact(means=means, components=components, **batch)
 
         return self.finalize(reg_covar, partition, exact_pass)
 
     def finalize(self, reg_covar, partition, exact_pass, in_use=None):
         """The parameters once the first pass is added: sums over the
         processes, then, only when the centred sums lost too many digits
-        (:meth:`needs_exact_pass`) or left a 'full'/'tied' covariance in use
+        (:meth:`cancellation_limit`) or left a 'full'/'tied' covariance in use
         that is not positive definite (a near-singular one, e.g. of a
-        component collapsing onto a few rows), ``exact_pass(means)`` (which
-        must :meth:`add_exact` every row around the new ``means``).
+        component collapsing onto a few rows), ``exact_pass(means, components)``
+        (which must :meth:`add_exact` every row around the new ``means``, for
+        those components): only the components that need it are redone.
 
         Parameters
         ----------
@@ -497,14 +505,21 @@ class SufficientStatistics:
         self.reduce(partition)
         nk, means, covariances, rounding = self.mixture_parameters(reg_covar)
         used = covariances if in_use is None else in_use(nk, means, covariances)
-        if not self.exact and (
-            self.needs_exact_pass(self._loss_of_precision(rounding, used, nk, means, in_use))
-            or not _positive_definite(used, self.covariance_type)
-        ):  # rounding lost too much, or broke a near-singular covariance
+        if self.exact:
+            return nk, means, covariances
+        # rounding lost too much, or broke a near-singular covariance
+        redo = (self._loss_of_precision(rounding, used, nk, means, in_use)
+                >= self.cancellation_limit()) | ~_positive_definite(used, self.covariance_type)
+        if self.covariance_type == "tied":
+            redo = redo.any().expand_as(self.recentred)
+        if bool(redo.any()):
+            kept = self.second.clone()
             self.second.zero_()
-            self.exact = True  # also on a process without rows
-            exact_pass(means)
+            self.exact, self.recentred = True, redo  # also on a process without rows
+            exact_pass(means, torch.nonzero(redo).flatten().tolist())
             self.reduce(partition, second_only=True)
+            if self.covariance_type != "tied":  # the others' sums were fine
+                self.second[~redo] = kept[~redo]
             nk, means, covariances, _ = self.mixture_parameters(reg_covar)
         return nk, means, covariances
 
@@ -531,19 +546,19 @@ class SufficientStatistics:
         nk = self.resp_sum + 10 * eps
         means_c = self.first / nk[:, None]
         n_features = means_c.shape[1]
-        exact = self.exact
+        exact = self.recentred
         if self.covariance_type == "full":
             raw = self.second / nk[:, None, None]
             delta = means_c - self.reference
-            cov = raw if exact else raw - delta[:, :, None] * delta[:, None, :]
+            cov = torch.where(exact[:, None, None], raw, raw - delta[:, :, None] * delta[:, None, :])
             raw_diag = torch.diagonal(raw, dim1=1, dim2=2)
         elif self.covariance_type == "tied":
             raw = self.second / nk.sum()
-            cov = raw if exact else raw - (nk[:, None] * means_c).T @ means_c / nk.sum()
+            cov = raw if self.exact else raw - (nk[:, None] * means_c).T @ means_c / nk.sum()
             raw_diag = torch.diagonal(raw)
         else:
             raw = self.second / nk[:, None]
-            cov = raw if exact else raw - (means_c - self.reference).square()
+            cov = torch.where(exact[:, None], raw, raw - (means_c - self.reference).square())
             raw_diag = raw.mean(1) if self.covariance_type == "spherical" else raw
         if self.covariance_type in ("full", "tied"):
             cov = cov + reg_covar * torch.eye(n_features, dtype=cov.dtype, device=cov.device)
@@ -557,19 +572,21 @@ class SufficientStatistics:
         """Largest ratio of the rounding scale of the data's variances to the
         variances in use (through ``in_use``, affine in the data's
         covariances, e.g. a posterior where the prior outweighs a near-empty
-        component): rounding lost about ``log10`` of it in digits."""
+        component): rounding lost about ``log10`` of it in digits. One per
+        component, shape (n_components,) (one for 'tied')."""
         kind, error = self.covariance_type, rounding
         if in_use is not None:
             as_covariance = torch.diag_embed(rounding) if kind in ("full", "tied") else rounding
             error = _variances(in_use(nk, means, as_covariance)
                                - in_use(nk, means, torch.zeros_like(as_covariance)), kind)
         kept = _variances(used, kind)
-        return float(torch.where(kept > 0, error / kept, torch.inf).max())
+        loss = torch.where(kept > 0, error / kept, torch.inf)
+        return loss.amax(-1) if loss.dim() > 1 or kind == "tied" else loss
 
-    def needs_exact_pass(self, loss_of_precision):
-        """Whether the cancellation lost more than half the digits."""
-        eps = torch.finfo(self.first.dtype).eps
-        return not self.exact and not (loss_of_precision < 1.0 / math.sqrt(eps))
+    def cancellation_limit(self):
+        """The loss of precision above which second moments are redone: half
+        the digits (``1 / sqrt(eps)``)."""
+        return 1.0 / math.sqrt(torch.finfo(self.first.dtype).eps)
 
 
 #: quadratic feature columns of a MixturePass, by covariance type
@@ -618,7 +635,7 @@ class MixturePass:
     differences ``x - mu_k`` instead: their log-densities, and their second
     moments centred on ``mu_k`` ('full', 'diag', 'spherical'). The others'
     second moments are centred on ``center``; :meth:`finalize` measures what
-    that lost and, when it lost more than half the digits, redoes them
+    that lost and, for the components that lost more than half the digits, redoes them
     exactly centred on the new means (a second pass).
 
     Parameters
@@ -889,10 +906,11 @@ class MixturePass:
         if self.exact_components and kind != "tied":
             stats.second[self._exact] = self._unwhitened(self._exact_second)
 
-        def exact_pass(means):
+        def exact_pass(means, components):
             for X, resp, sample_weight in exact_rows():
                 resp = self.responsibilities(X) if resp is None else resp
-                stats.add_exact(X, resp, means, sample_weight=sample_weight)
+                stats.add_exact(X, resp, means, sample_weight=sample_weight,
+                                components=components)
 
         return stats.finalize(reg_covar, partition, exact_pass, in_use)
 
@@ -942,11 +960,12 @@ def _variances(covariances, covariance_type):
 
 
 def _positive_definite(covariances, covariance_type):
-    """Whether the Cholesky factorisation of every 'full'/'tied' covariance
-    succeeds (True for 'diag'/'spherical', whose signs the loss check sees)."""
+    """Per component, whether the Cholesky factorisation of a 'full'/'tied'
+    covariance succeeds (True for 'diag'/'spherical', whose signs the loss
+    check sees); shape (K,), () for 'tied'."""
     if covariance_type not in ("full", "tied"):
-        return True
-    return not bool((torch.linalg.cholesky_ex(covariances).info != 0).any())
+        return torch.ones(covariances.shape[0], dtype=torch.bool, device=covariances.device)
+    return torch.linalg.cholesky_ex(covariances).info == 0
 
 
 def _outer(delta):

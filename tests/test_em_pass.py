@@ -10,6 +10,8 @@ import torch
 
 from skdeepmix import _gaussian as G
 
+from _gloo import run_on_ranks
+
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 N, D, K = 3000, 5, 4
 
@@ -130,8 +132,14 @@ def test_tight_components_far_from_the_center_are_computed_exactly(covariance_ty
     em_pass, result = _run_pass(X, means, chol, covariance_type, weights.log(), sample_weight,
                                 dtype)
     assert em_pass.exact_components == tight
+    # the others' sums around the center cancel (their rows are tight too): a
+    # second pass redoes only them ('tied': its one covariance)
+    assert em_pass.stats.recentred.tolist() == [
+        covariance_type == "tied" or k not in tight for k in range(K)]
     assert result[2].dtype == dtype
-    _assert_matches(result, reference, 1e-10 if dtype == torch.float64 else 1e-5)
+    # float32: the tight components' whitened sums keep ~2e-5 (a second pass
+    # redoes only the components that lost more, here the others)
+    _assert_matches(result, reference, 1e-10 if dtype == torch.float64 else 5e-5)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
@@ -175,3 +183,42 @@ def test_given_responsibilities_give_the_mixture_moments():
     torch.testing.assert_close(means, want_means, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(covariances, want, rtol=1e-9, atol=1e-9)
     assert math.isclose(float(em_pass.stats.weight_sum), float(sample_weight.sum()))
+
+
+def _tight_pass_on_a_shard(rank):
+    """The float64 tight-components pass on half of the rows (rank's half)."""
+    from skdeepmix._distributed import RowPartition
+
+    X, means, weights, sample_weight = _data(shift=1e4, spread=1e-4, error=1e-5)
+    covariances = _covariances("full", 1.0)
+    covariances[[1, 3]] *= 1e-8
+    chol = G.precision_cholesky_from_covariances(covariances, "full")
+    half = slice(0, N // 2) if rank == 0 else slice(N // 2, N)
+    X, sample_weight = X[half], sample_weight[half]
+    partition = RowPartition(X.shape[0], X.shape[1])
+    em_pass = G.MixturePass("full", weights @ means, K, means=means,
+                            precisions_cholesky=chol, log_offsets=weights.log())
+
+    def rows():
+        yield X, None, sample_weight
+
+    em_pass.add(X, None, sample_weight)
+    result = em_pass.finalize(0.0, partition, rows)
+    return [t.clone() for t in result], em_pass.stats.recentred.tolist()
+
+
+def test_partial_second_pass_is_exact_across_processes():
+    """Two processes redo the same components' second moments and keep the
+    others' (already summed) ones: the same result as one process."""
+    ranks = run_on_ranks(_tight_pass_on_a_shard)
+    X, means, weights, sample_weight = _data(shift=1e4, spread=1e-4, error=1e-5)
+    covariances = _covariances("full", 1.0)
+    covariances[[1, 3]] *= 1e-8
+    chol = G.precision_cholesky_from_covariances(covariances, "full")
+    em_pass, single = _run_pass(X, means, chol, "full", weights.log(), sample_weight,
+                                torch.float64)
+    assert ranks[0][1] == ranks[1][1] == em_pass.stats.recentred.tolist() == [
+        True, False, True, False]
+    for rank in ranks:
+        for got, want in zip(rank[0], single[:3]):
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-10
