@@ -160,13 +160,9 @@ TUNED = [
 ]
 #: candidate defaults compared by --search (validation only)
 SEARCH = [
-    {"n_components": (4, 4), "prior_count": 0.0},
-    {"n_components": (2, 2, 16), "prior_count": 0.0},
-    {"n_components": (2, 2, 8), "prior_count": 16.0},
     {"n_components": (2, 2, 16), "prior_count": 4.0},
+    {"n_components": (2, 2, 16), "prior_count": 8.0},
     {"n_components": (2, 2, 16), "prior_count": 16.0},
-    {"n_components": (2, 2, 16), "prior_count": 64.0},
-    {"n_components": (2, 2, 32), "prior_count": 16.0},
 ]
 
 

@@ -208,10 +208,16 @@ def test_one_layer_prior_is_the_conjugate_map_update():
     Xn = X.numpy()
     nk = resp.sum(0)
     means = resp.T @ Xn / nk[:, None]
-    for k in range(3):  # means kept, covariances inflated by their own variances
-        cov = (resp[:, k, None] * (Xn - means[k])).T @ (Xn - means[k]) / nk[k]
+    covs = []
+    for k in range(3):
+        diff = Xn - means[k]
+        covs.append((resp[:, k, None] * diff).T @ diff / nk[k])
+    pooled = sum(n * c for n, c in zip(nk, covs)) / nk.sum()
+    corr = pooled / np.sqrt(np.outer(np.diag(pooled), np.diag(pooled)))
+    for k in range(3):  # means kept; own variances, pooled correlations
+        sd = np.sqrt(np.diag(covs[k]))
         np.testing.assert_allclose(b[k].numpy(), means[k], rtol=1e-10)
-        expected = cov + tau / nk[k] * np.diag(np.diag(cov))
+        expected = covs[k] + tau / nk[k] * np.outer(sd, sd) * corr
         np.testing.assert_allclose((A[k] @ A[k].T).numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
