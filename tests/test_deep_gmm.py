@@ -317,8 +317,9 @@ def test_hard_em_objective_non_decreasing(path_search):
 @pytest.mark.parametrize("init_params", ["kmeans", "kmeans_outer", "random"])
 def test_init_params(init_params):
     X = _blobs(100)
-    est = DeepGMMEstimator((2, 3), init_params=init_params, random_state=0, max_iter=10,
-                           tol=0.0).fit(X)
+    # without the prior (its target moves with the statistics), hard EM is monotone
+    est = DeepGMMEstimator((2, 3), init_params=init_params, prior_count=0.0, random_state=0,
+                           max_iter=10, tol=0.0).fit(X)
     bounds = np.asarray(est.lower_bounds_)
     assert np.all(np.diff(bounds) >= -1e-9 * np.abs(bounds[:-1]))
     assert est.score(X) > DeepGMMEstimator((1,), random_state=0).fit(X).score(X)
@@ -367,7 +368,9 @@ def test_seeded_reproducible_sampling_and_chunking():
     X = _blobs(100)
     a = DeepGMMEstimator((2, 2), random_state=3, max_iter=5).fit(X)
     b = DeepGMMEstimator((2, 2), random_state=3, max_iter=5, chunk_size=7).fit(X)
-    np.testing.assert_allclose(a.score_samples(X), b.score_samples(X), rtol=1e-10)
+    # the chunks sum the statistics in another order: round-off, amplified by the
+    # prior target's within-path scatters and the L-BFGS stopping tests
+    np.testing.assert_allclose(a.score_samples(X), b.score_samples(X), rtol=1e-8)
     Xs, ys = a.sample(50)
     Xs2, _ = a.sample(50)
     np.testing.assert_array_equal(Xs, Xs2)

@@ -1006,7 +1006,10 @@ def prior_targets(gamma):
     nearly in proportion (second order in the log-likelihood) instead of
     lifting its low-variance directions, as the diagonal ``diag(v_p)`` does.
     It is the structured shrinkage target of regularised discriminant
-    analysis (Friedman, 1989), with the scale of each path kept.
+    analysis (Friedman, 1989), with the scale of each path kept. A feature
+    whose pooled variance is below round-off (``B_jj <= sqrt(eps)`` times its
+    second moment, or ``eps`` times the largest ``B_ii``: a constant pixel)
+    has no correlations in ``R`` (its row and column are those of ``I``).
 
     Parameters
     ----------
@@ -1028,8 +1031,14 @@ def prior_targets(gamma):
     within = flat[:, :d, :d] - sums.unsqueeze(-1) * sums.unsqueeze(-2) / n
     within = 0.5 * (within + within.transpose(-1, -2))
     pooled = within.sum(0)  # the 1 / sum_p n_p cancels in the correlations
-    scale = torch.diagonal(pooled).clamp_min(tiny).rsqrt()
+    B, second = torch.diagonal(pooled), torch.diagonal(flat[:, :d, :d].sum(0))
+    # a feature whose pooled variance is round-off (a constant pixel: the
+    # difference of two equal sums) gets no correlations, only its variance
+    eps = torch.finfo(gamma.dtype).eps
+    reliable = (B > eps**0.5 * second) & (B > eps * B.max())
+    scale = torch.where(reliable, B.clamp_min(tiny).rsqrt(), torch.zeros_like(B))
     R = scale[:, None] * pooled * scale[None, :]
+    R.diagonal().fill_(1.0)
     v = (torch.diagonal(within, dim1=-2, dim2=-1) / n[..., 0]).clamp_min(0.0)
     sd = v.sqrt() * (counts > 0)[:, None]
     return sd.unsqueeze(-1) * R * sd.unsqueeze(-2)
