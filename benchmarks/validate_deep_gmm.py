@@ -203,6 +203,10 @@ def run_report(args):
             row["dataset"] = name
             print(json.dumps(row), flush=True)
         rows += found + tuned
+        write_report(args, rows)  # after every dataset: a stopped run keeps what it did
+
+
+def write_report(args, rows):
     lines = header(args, "defaults against the best full GMM") + [
         "| dataset | model | kind | validation | test | converged | fit CPU s |",
         "|---|---|---|---:|---:|---|---:|",

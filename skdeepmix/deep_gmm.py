@@ -103,7 +103,9 @@ class DeepGMMEstimator(BaseDeepMixture):
         The model has ``prod(n_components)`` components (paths). The
         default, three layers and 64 paths, was chosen with ``prior_count``
         on validation splits of three tasks (BSDS300 patches, digits,
-        MNIST; ``benchmarks/results/defaults_deep_gmm_search_quick.md``).
+        MNIST; ``benchmarks/results/defaults_deep_gmm_search_quick.md``; the
+        prior's target and ``prior_count=8`` in
+        ``benchmarks/results/defaults_deep_gmm_prior_targets.md``).
     algorithm : {'hard_em', 'soft_em', 'adam'}, default='hard_em'
         ``'hard_em'``: the paper's algorithm (best path per sample);
         ``'soft_em'``: EM with responsibilities over all paths (monotone in the
