@@ -103,7 +103,9 @@ class DeepGMMEstimator(BaseDeepMixture):
         The model has ``prod(n_components)`` components (paths). The
         default, three layers and 64 paths, was chosen with ``prior_count``
         on validation splits of three tasks (BSDS300 patches, digits,
-        MNIST; ``benchmarks/results/defaults_deep_gmm_search_quick.md``).
+        MNIST; ``benchmarks/results/defaults_deep_gmm_search_quick.md``; the
+        prior's target and ``prior_count=8`` in
+        ``benchmarks/results/defaults_deep_gmm_prior_targets.md``).
     algorithm : {'hard_em', 'soft_em', 'adam'}, default='hard_em'
         ``'hard_em'``: the paper's algorithm (best path per sample);
         ``'soft_em'``: EM with responsibilities over all paths (monotone in the
@@ -131,18 +133,22 @@ class DeepGMMEstimator(BaseDeepMixture):
     reg_covar : float, default=1e-6
         Added to the diagonal of every node's input covariance in the M-step
         (with one layer this is exactly a GMM's ``reg_covar``).
-    prior_count : float, default=4.0
+    prior_count : float, default=8.0
         Weight, in samples, of a conjugate (Wishart) prior on the covariance
-        of every path, centred on the path's own per-feature variances: the
-        M-step adds ``prior_count`` times the diagonal of each path's
-        covariance to its scatter (seen by every layer through its outer
-        layers), a maximum a posteriori fit. With one layer, a component with
-        ``n`` samples gets the covariance ``Sigma + (prior_count / n)
-        diag(Sigma)``: components with few samples (fewer than features, say)
-        become well-conditioned, those with many barely move. ``0`` is
-        maximum likelihood, as in the paper; without the prior, paths with
-        few samples overfit (on ``load_digits`` the held-out
-        log-likelihood of a 64-path model falls from +61 to -4252 nats).
+        of every path, a maximum a posteriori fit. Its target ``T`` keeps the
+        path's own per-feature variances and takes the correlations of the
+        pooled within-path covariance (estimated from all samples, as in
+        regularised discriminant analysis): the M-step adds ``prior_count *
+        T`` to each path's scatter (seen by every layer through its outer
+        layers). With one layer, a component with ``n`` samples gets the
+        covariance ``Sigma + (prior_count / n) T``: components with few
+        samples (fewer than features, say) become well-conditioned, those
+        with many barely move, and a component correlated like the pooled
+        data is inflated nearly in proportion rather than in its
+        low-variance directions. ``0`` is maximum likelihood, as in the
+        paper; without the prior, paths with few samples overfit (on
+        ``load_digits`` the held-out log-likelihood of a 64-path model falls
+        from +65 to -4252 nats).
     m_step_iter : int, default=50
         L-BFGS iterations per layer and M-step.
     learning_rate : float, default=1e-3
@@ -251,7 +257,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         init_params="kmeans",
         init_noise=0.1,
         reg_covar=1e-6,
-        prior_count=4.0,
+        prior_count=8.0,
         m_step_iter=50,
         learning_rate=1e-3,
         batch_size=256,

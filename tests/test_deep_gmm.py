@@ -208,10 +208,16 @@ def test_one_layer_prior_is_the_conjugate_map_update():
     Xn = X.numpy()
     nk = resp.sum(0)
     means = resp.T @ Xn / nk[:, None]
-    for k in range(3):  # means kept, covariances inflated by their own variances
-        cov = (resp[:, k, None] * (Xn - means[k])).T @ (Xn - means[k]) / nk[k]
+    covs = []
+    for k in range(3):
+        diff = Xn - means[k]
+        covs.append((resp[:, k, None] * diff).T @ diff / nk[k])
+    pooled = sum(n * c for n, c in zip(nk, covs)) / nk.sum()
+    corr = pooled / np.sqrt(np.outer(np.diag(pooled), np.diag(pooled)))
+    for k in range(3):  # means kept; own variances, pooled correlations
+        sd = np.sqrt(np.diag(covs[k]))
         np.testing.assert_allclose(b[k].numpy(), means[k], rtol=1e-10)
-        expected = cov + tau / nk[k] * np.diag(np.diag(cov))
+        expected = covs[k] + tau / nk[k] * np.outer(sd, sd) * corr
         np.testing.assert_allclose((A[k] @ A[k].T).numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
@@ -311,8 +317,9 @@ def test_hard_em_objective_non_decreasing(path_search):
 @pytest.mark.parametrize("init_params", ["kmeans", "kmeans_outer", "random"])
 def test_init_params(init_params):
     X = _blobs(100)
-    est = DeepGMMEstimator((2, 3), init_params=init_params, random_state=0, max_iter=10,
-                           tol=0.0).fit(X)
+    # without the prior (its target moves with the statistics), hard EM is monotone
+    est = DeepGMMEstimator((2, 3), init_params=init_params, prior_count=0.0, random_state=0,
+                           max_iter=10, tol=0.0).fit(X)
     bounds = np.asarray(est.lower_bounds_)
     assert np.all(np.diff(bounds) >= -1e-9 * np.abs(bounds[:-1]))
     assert est.score(X) > DeepGMMEstimator((1,), random_state=0).fit(X).score(X)
@@ -361,7 +368,9 @@ def test_seeded_reproducible_sampling_and_chunking():
     X = _blobs(100)
     a = DeepGMMEstimator((2, 2), random_state=3, max_iter=5).fit(X)
     b = DeepGMMEstimator((2, 2), random_state=3, max_iter=5, chunk_size=7).fit(X)
-    np.testing.assert_allclose(a.score_samples(X), b.score_samples(X), rtol=1e-10)
+    # the chunks sum the statistics in another order: round-off, amplified by the
+    # prior target's within-path scatters and the L-BFGS stopping tests
+    np.testing.assert_allclose(a.score_samples(X), b.score_samples(X), rtol=1e-8)
     Xs, ys = a.sample(50)
     Xs2, _ = a.sample(50)
     np.testing.assert_array_equal(Xs, Xs2)

@@ -53,7 +53,7 @@ __all__ = [
     "accumulate_hard_statistics",
     "accumulate_soft_statistics",
     "m_step_layers",
-    "path_variances",
+    "prior_targets",
     "prior_scatter",
     "MStepError",
 ]
@@ -912,17 +912,18 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
 
     With ``prior_count > 0`` the update is a maximum a posteriori one under a
     Wishart prior on the data-space precision ``P_p`` of every path, centred
-    on the path's own per-feature variances ``V_p`` (an empirical-Bayes
-    scale, :func:`path_variances`): each path's statistics receive
-    ``prior_count * V_p`` as extra scatter (no extra counts), i.e. the
-    objective gains ``-prior_count/2 Tr(P_p V_p)`` per path, with ``d + 1``
-    degrees of freedom (no pull on ``log|P_p|``). Every layer sees that
-    scatter through its outer layers (:func:`prior_scatter`), so that all
-    layers maximise one objective, invariant under the affine gauge between
-    layers. (A prior in one layer's own coordinates, or pseudo-counts that
-    weigh one layer's log-determinant and not the others', make the maps
-    drift along that gauge.) For one layer (a GMM) a component with ``n_k``
-    samples gets the covariance ``Sigma_k + (prior_count / n_k) V_k``.
+    on an empirical-Bayes target ``T_p`` (:func:`prior_targets`: the path's
+    own per-feature variances, correlated as the pooled within-path
+    covariance): each path's statistics receive ``prior_count * T_p`` as
+    extra scatter (no extra counts), i.e. the objective gains
+    ``-prior_count/2 Tr(P_p T_p)`` per path, with ``d + 1`` degrees of
+    freedom (no pull on ``log|P_p|``). Every layer sees that scatter through
+    its outer layers (:func:`prior_scatter`), so that all layers maximise one
+    objective, invariant under the affine gauge between layers. (A prior in
+    one layer's own coordinates, or pseudo-counts that weigh one layer's
+    log-determinant and not the others', make the maps drift along that
+    gauge.) For one layer (a GMM) a component with ``n_k`` samples gets the
+    covariance ``Sigma_k + (prior_count / n_k) T_k``.
 
     Parameters
     ----------
@@ -936,7 +937,9 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     max_iter : int
         L-BFGS iterations per layer.
     prior_count : float, default=0.0
-        Weight, in samples, of the prior's scatter per path.
+        Weight, in samples, of the prior's scatter per path (the statistics
+        are summed over the processes before this call, so the target is the
+        same on every process).
 
     Returns
     -------
@@ -945,7 +948,7 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     """
     d = model.n_features
     gain = 0.0
-    psi = prior_count * path_variances(stats[0]) if prior_count > 0 else None
+    psi = prior_count * prior_targets(stats[0]) if prior_count > 0 else None
     for j in reversed(range(model.n_layers)):
         gamma = stats[j].clone()
         counts_mu = gamma[..., -1, -1]
@@ -984,26 +987,61 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     return gain
 
 
-def path_variances(gamma):
-    """Per-feature variances of the samples of every path, as diagonal matrices.
+def prior_targets(gamma):
+    """Prior targets: each path's own variances with the pooled correlations.
+
+    With ``n_p`` samples, sum ``s_p`` and scatter ``S_p`` on path ``p``, the
+    within-path scatter is ``C_p = S_p - s_p s_p^T / n_p``, the path's
+    variances ``v_p = diag(C_p) / n_p`` and the pooled within-path covariance
+    ``B = sum_p C_p / sum_p n_p``, with correlations
+    ``R = diag(B)^-1/2 B diag(B)^-1/2``. The target of path ``p`` is
+
+        ``T_p = diag(v_p)^1/2 R diag(v_p)^1/2``,
+
+    the path's own per-feature variances (a path of flat patches keeps its
+    small scale) correlated like the data within the paths. It is
+    well-conditioned when ``R`` is (``sum_p n_p`` samples estimate it, not
+    ``n_p``), and close to ``C_p / n_p`` itself when the path's correlations
+    are the pooled ones, so a prior on such a path inflates its covariance
+    nearly in proportion (second order in the log-likelihood) instead of
+    lifting its low-variance directions, as the diagonal ``diag(v_p)`` does.
+    It is the structured shrinkage target of regularised discriminant
+    analysis (Friedman, 1989), with the scale of each path kept. A feature
+    whose pooled variance is below round-off (``B_jj <= sqrt(eps)`` times its
+    second moment, or ``eps`` times the largest ``B_ii``: a constant pixel)
+    has no correlations in ``R`` (its row and column are those of ``I``).
 
     Parameters
     ----------
     gamma : Tensor of shape (N_0, U_0, d+1, d+1)
-        The data-side layer's statistics: one homogeneous scatter per path.
+        The data-side layer's statistics: one homogeneous scatter
+        ``[[S_p, s_p], [s_p^T, n_p]]`` per path (any common centring).
 
     Returns
     -------
-    variances : Tensor of shape (n_paths, d, d)
-        ``diag(S_p / n_p - m_p m_p^T)`` (zero for a path without samples).
+    targets : Tensor of shape (n_paths, d, d)
+        ``T_p`` in flat C order over the paths (zero for a path without
+        samples).
     """
     d = gamma.shape[-1] - 1
+    tiny = torch.finfo(gamma.dtype).tiny
     flat = gamma.reshape(-1, d + 1, d + 1)
     counts, sums = flat[:, d, d], flat[:, :d, d]
-    n = counts.clamp_min(torch.finfo(gamma.dtype).tiny)[:, None]
-    second = torch.diagonal(flat[:, :d, :d], dim1=-2, dim2=-1) / n
-    variances = (second - (sums / n).square()).clamp_min(0.0) * (counts > 0)[:, None]
-    return torch.diag_embed(variances)
+    n = counts.clamp_min(tiny)[:, None, None]
+    within = flat[:, :d, :d] - sums.unsqueeze(-1) * sums.unsqueeze(-2) / n
+    within = 0.5 * (within + within.transpose(-1, -2))
+    pooled = within.sum(0)  # the 1 / sum_p n_p cancels in the correlations
+    B, second = torch.diagonal(pooled), torch.diagonal(flat[:, :d, :d].sum(0))
+    # a feature whose pooled variance is round-off (a constant pixel: the
+    # difference of two equal sums) gets no correlations, only its variance
+    eps = torch.finfo(gamma.dtype).eps
+    reliable = (B > eps**0.5 * second) & (B > eps * B.max())
+    scale = torch.where(reliable, B.clamp_min(tiny).rsqrt(), torch.zeros_like(B))
+    R = scale[:, None] * pooled * scale[None, :]
+    R.diagonal().fill_(1.0)
+    v = (torch.diagonal(within, dim1=-2, dim2=-1) / n[..., 0]).clamp_min(0.0)
+    sd = v.sqrt() * (counts > 0)[:, None]
+    return sd.unsqueeze(-1) * R * sd.unsqueeze(-2)
 
 
 def prior_scatter(model, j, psi):
