@@ -314,7 +314,7 @@ class SufficientStatistics:
     the 'diag'/'spherical' second moments on ``center`` (a caller that adds
     its own sums may centre component ``k``'s on ``center + reference[k]``).
     What cancellation remains is measured by :meth:`mixture_parameters`; when
-    it lost too many digits (:meth:`cancellation_limit`) the second moments of
+    it lost too many digits (:func:`cancellation_limit`) the second moments of
     the components concerned are redone exactly centred on the new means
     (:meth:`add_exact`).
     :meth:`accumulate` runs both passes.
@@ -481,7 +481,7 @@ class SufficientStatistics:
     def finalize(self, reg_covar, partition, exact_pass, in_use=None):
         """The parameters once the first pass is added: sums over the
         processes, then, only when the centred sums lost too many digits
-        (:meth:`cancellation_limit`) or left a 'full'/'tied' covariance in use
+        (:func:`cancellation_limit`) or left a 'full'/'tied' covariance in use
         that is not positive definite (a near-singular one, e.g. of a
         component collapsing onto a few rows), ``exact_pass(means, components)``
         (which must :meth:`add_exact` every row around the new ``means``, for
@@ -504,12 +504,13 @@ class SufficientStatistics:
         """
         self.reduce(partition)
         nk, means, covariances, rounding = self.mixture_parameters(reg_covar)
-        used = covariances if in_use is None else in_use(nk, means, covariances)
         if self.exact:
             return nk, means, covariances
+        used = covariances if in_use is None else in_use(nk, means, covariances)
         # rounding lost too much, or broke a near-singular covariance
         redo = (self._loss_of_precision(rounding, used, nk, means, in_use)
-                >= self.cancellation_limit()) | ~_positive_definite(used, self.covariance_type)
+                >= cancellation_limit(self.first.dtype)) | ~_positive_definite(
+                    used, self.covariance_type)
         if self.covariance_type == "tied":
             redo = redo.any().expand_as(self.recentred)
         if bool(redo.any()):
@@ -550,7 +551,8 @@ class SufficientStatistics:
         if self.covariance_type == "full":
             raw = self.second / nk[:, None, None]
             delta = means_c - self.reference
-            cov = torch.where(exact[:, None, None], raw, raw - delta[:, :, None] * delta[:, None, :])
+            cov = torch.where(exact[:, None, None], raw,
+                              raw - delta[:, :, None] * delta[:, None, :])
             raw_diag = torch.diagonal(raw, dim1=1, dim2=2)
         elif self.covariance_type == "tied":
             raw = self.second / nk.sum()
@@ -582,11 +584,6 @@ class SufficientStatistics:
         kept = _variances(used, kind)
         loss = torch.where(kept > 0, error / kept, torch.inf)
         return loss.amax(-1) if loss.dim() > 1 or kind == "tied" else loss
-
-    def cancellation_limit(self):
-        """The loss of precision above which second moments are redone: half
-        the digits (``1 / sqrt(eps)``)."""
-        return 1.0 / math.sqrt(torch.finfo(self.first.dtype).eps)
 
 
 #: quadratic feature columns of a MixturePass, by covariance type
@@ -635,8 +632,8 @@ class MixturePass:
     differences ``x - mu_k`` instead: their log-densities, and their second
     moments centred on ``mu_k`` ('full', 'diag', 'spherical'). The others'
     second moments are centred on ``center``; :meth:`finalize` measures what
-    that lost and, for the components that lost more than half the digits, redoes them
-    exactly centred on the new means (a second pass).
+    that lost and, for the components that lost more than half the digits,
+    redoes them exactly centred on the new means (a second pass).
 
     Parameters
     ----------
@@ -949,8 +946,16 @@ def _imprecise_components(offsets, precisions_cholesky, covariance_type):
         size = (a.square() * precision).sum(1)
     cancellation = (a.square() / variances).amax(1) + 1.0
     imprecise = (eps * (size + d) > EXPANSION_TOLERANCE) | (
-        cancellation > 0.5 / math.sqrt(eps))
+        cancellation > 0.5 * cancellation_limit(offsets.dtype))
     return torch.nonzero(imprecise).flatten().tolist()
+
+
+def cancellation_limit(dtype):
+    """The loss of precision (ratio of a raw second moment to the variance
+    kept from it) above which second moments are redone exactly centred:
+    half the digits, ``1 / sqrt(eps)``."""
+    return 1.0 / math.sqrt(torch.finfo(dtype).eps)
+
 
 def _variances(covariances, covariance_type):
     """The per-feature variances of covariances of any type."""

@@ -256,14 +256,11 @@ default='dirichlet_process'
     def _m_step(self, stats):
         """The variational posterior of the weights and the components."""
         nk = stats.nk
-        mean_prior, covariance_prior = self._prior_tensors(nk)
         concentration = G.weight_concentration_posterior(
             nk, self.weight_concentration_prior_, self.weight_concentration_prior_type
         )
-        mean_precision, means, dof, covariances = G.normal_wishart_posterior(
-            nk, stats.means, stats.covariances, mean_prior, self.mean_precision_prior_,
-            self.degrees_of_freedom_prior_, covariance_prior, self.covariance_type,
-        )
+        mean_precision, means, dof, covariances = self._component_posterior(
+            nk, stats.means, stats.covariances)
         self._params = {
             "weight_concentration": concentration,
             "mean_precision": mean_precision,
@@ -275,15 +272,20 @@ default='dirichlet_process'
             ),
         }
 
-    def _covariances_in_use(self, nk, means, covariances):
-        """The posterior's covariances: the data's plus the prior's (for a
-        near-empty component, rounding of its data covariance is outweighed
-        by the prior and needs no exact pass)."""
+    def _component_posterior(self, nk, means, covariances):
+        """The Normal-Wishart posterior of the components from the data's
+        statistics (:func:`~skdeepmix._gaussian.normal_wishart_posterior`)."""
         mean_prior, covariance_prior = self._prior_tensors(nk)
         return G.normal_wishart_posterior(
             nk, means, covariances, mean_prior, self.mean_precision_prior_,
             self.degrees_of_freedom_prior_, covariance_prior, self.covariance_type,
-        )[3]
+        )
+
+    def _covariances_in_use(self, nk, means, covariances):
+        """The posterior's covariances: the data's plus the prior's (for a
+        near-empty component, rounding of its data covariance is outweighed
+        by the prior and needs no exact pass)."""
+        return self._component_posterior(nk, means, covariances)[3]
 
     def _objective(self, stats):
         """The variational lower bound (E-step entropy, M-step posterior)."""
