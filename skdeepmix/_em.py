@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
@@ -49,7 +50,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from . import _gaussian as G
 from ._base import BaseDeepMixture
 from ._kmeans import kmeans, kmeans_plusplus
-from ._torch_utils import iter_row_chunks, to_numpy, to_tensor
+from ._torch_utils import iter_row_chunks, run_in_threads, to_numpy, to_tensor
 
 __all__ = [
     "BaseEMMixture",
@@ -217,6 +218,16 @@ class BaseEMMixture(BaseDeepMixture):
             work = max(work, K * d)
         return work * self._torch_dtype().itemsize // 4
 
+    def _thread_shares(self, X, chunks):
+        """The row chunks of an EM pass split among CPU threads: contiguous
+        runs of chunks, one per thread (one run when the rows are streamed,
+        not on the CPU, or torch has one thread here)."""
+        n_threads = min(torch.get_num_threads(), len(chunks))
+        if n_threads <= 1 or not isinstance(X, torch.Tensor) or X.device.type != "cpu":
+            return [chunks]
+        bounds = np.linspace(0, len(chunks), n_threads + 1).round().astype(int)
+        return [chunks[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+
     def _row_chunks(self, n_rows):
         """Row slices of the E-step (one empty slice for an empty shard)."""
         return list(iter_row_chunks(n_rows, self._rows_per_chunk())) or [slice(0, 0)]
@@ -298,13 +309,29 @@ class BaseEMMixture(BaseDeepMixture):
         Nothing is read back to the host per chunk."""
         weights = ctx.sample_weight
 
-        def rows_again():
-            for rows in self._row_chunks(X.shape[0]):
+        def rows_of(chunks):
+            for rows in chunks:
                 yield (X[rows], None if resp_of_rows is None else resp_of_rows(rows),
                        None if weights is None else weights[rows])
 
-        for chunk, resp, chunk_weights in rows_again():
-            em_pass.add(chunk, resp, chunk_weights)
+        def add_rows(a_pass, chunks):
+            for chunk, resp, chunk_weights in rows_of(chunks):
+                a_pass.add(chunk, resp, chunk_weights)
+
+        chunks = self._row_chunks(X.shape[0])
+        shares = self._thread_shares(X, chunks)
+        if len(shares) > 1:  # one pass per thread, then their sums added in order
+            passes = [em_pass] + [em_pass.replica() for _ in shares[1:]]
+            run_in_threads([partial(add_rows, a_pass, share)
+                            for a_pass, share in zip(passes, shares)])
+            for other in passes[1:]:
+                em_pass.merge(other)
+        else:
+            add_rows(em_pass, chunks)
+
+        def rows_again():
+            return rows_of(chunks)
+
         nk, means, covariances = em_pass.finalize(reg_covar, ctx.partition, rows_again,
                                                   self._covariances_in_use)
         stats = em_pass.stats

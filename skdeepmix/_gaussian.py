@@ -15,6 +15,7 @@ Every function takes and returns tensors; shapes follow scikit-learn.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -669,8 +670,6 @@ class MixturePass:
         self.log_offsets = log_offsets
         self.exact_components = [] if means is None else _imprecise_components(
             means - center, precisions_cholesky, covariance_type)
-        self.stats = SufficientStatistics(covariance_type, center.expand(n_components, d),
-                                          center)
         self._exact = torch.tensor(self.exact_components, dtype=torch.long,
                                    device=center.device)
         # groups of exact components whose (rows, group, d) temporaries fit
@@ -678,26 +677,49 @@ class MixturePass:
         size = max(1, self.n_columns(covariance_type, d) // (3 * d))
         self._groups = [(slice(start, start + size), self._exact[start:start + size])
                         for start in range(0, len(self.exact_components), size)]
-        if self.exact_components and covariance_type != "tied":
-            exact = self._exact
-            self.stats.reference[exact] = (means - center)[exact]
-            # summed whitened: the rounding is relative to each direction's
-            # variance, so that a near-singular covariance stays positive definite
-            self._exact_second = self.stats.second[exact].clone()
-        self._n_rows = 0
         # feature columns: [quadratic (y for 'tied'), 1, z] (+ a copy of z for 'full')
         self._ones_column = _N_QUADRATIC[covariance_type](d)
         self._n_features = self._ones_column + 1 + d
-        self._buffers = {}
         first = d if covariance_type == "tied" else 0  # the statistics skip y
         self._sum_columns = slice(first, self._n_features)
-        self._sums = center.new_zeros(n_components, self._n_features - first)  # resp @ features
+        self._empty_sums(n_components)
         if covariance_type == "full":
             self._pairs = _circulant_pairs(d, center.device)
         if means is not None:
             d_log = -0.5 * d * LOG_2PI + log_det_cholesky(precisions_cholesky, covariance_type, d)
             self._constants = d_log + log_offsets  # log p(x, k) at x = mu_k
             self._coefficients = self._log_prob_coefficients()
+
+    def _empty_sums(self, n_components):
+        """Start the sums (and the scratch buffers) from zero."""
+        center, d = self.center, self.center.shape[0]
+        self.stats = SufficientStatistics(self.covariance_type,
+                                          center.expand(n_components, d), center)
+        if self.exact_components and self.covariance_type != "tied":
+            exact = self._exact
+            self.stats.reference[exact] = (self.means - center)[exact]
+            # summed whitened: the rounding is relative to each direction's
+            # variance, so that a near-singular covariance stays positive definite
+            self._exact_second = self.stats.second[exact].clone()
+        self._n_rows = 0
+        self._buffers = {}
+        self._sums = center.new_zeros(n_components, self._n_features - self._sum_columns.start)
+
+    def replica(self):
+        """A pass with the same model and empty sums, to add other rows on
+        another thread; :meth:`merge` adds its sums back."""
+        other = copy.copy(self)
+        other._empty_sums(self._sums.shape[0])
+        return other
+
+    def merge(self, other):
+        """Add the sums of ``other`` (a :meth:`replica` of this pass)."""
+        self._sums += other._sums
+        self._n_rows += other._n_rows
+        for name in ("weight_sum", "log_prob_sum", "resp_log_resp_sum", "second"):
+            getattr(self.stats, name).add_(getattr(other.stats, name))
+        if self.exact_components and self.covariance_type != "tied":
+            self._exact_second += other._exact_second
 
     @staticmethod
     def n_columns(covariance_type, n_features):

@@ -15,6 +15,7 @@ __all__ = [
     "init_layers_",
     "chunk_rows",
     "limit_threads",
+    "run_in_threads",
     "idle_cpus",
     "resolve_device",
     "resolve_dtype",
@@ -315,6 +316,84 @@ class limit_threads:
             torch.set_num_threads(self.previous)
             self.previous = None
         return False
+
+
+class _Worker:
+    """A helper thread that runs the tasks put in its queue, one at a time."""
+
+    def __init__(self, name):
+        import queue
+        import threading
+
+        self._tasks = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def _loop(self):
+        while True:
+            future, task = self._tasks.get()
+            try:
+                future.set_result(task())
+            except BaseException as error:  # handed to the caller
+                future.set_exception(error)
+
+    def submit(self, task):
+        from concurrent.futures import Future
+
+        future = Future()
+        self._tasks.put((future, task))
+        return future
+
+
+_WORKERS = {}  # process id -> helper threads (a forked child starts its own)
+
+
+def _workers(n_workers):
+    """``n_workers`` helper threads of this process, started once and reused."""
+    import os
+
+    workers = _WORKERS.setdefault(os.getpid(), [])
+    while len(workers) < n_workers:
+        workers.append(_Worker(f"skdeepmix-{len(workers) + 1}"))
+    return workers[:n_workers]
+
+
+def run_in_threads(tasks):
+    """Run the callables ``tasks`` at once, each on its own thread with one
+    torch thread; return their results in order.
+
+    Independent pieces of CPU work (e.g. the row chunks of an EM pass, each
+    summed on its own) run faster this way than one after the other on a
+    shared torch thread pool: no barrier between the small operations, and
+    each thread keeps its rows in its own cache. The calling thread runs the
+    first task, helper threads (started once per process, idle in between)
+    the others. torch's thread count is 1 for the duration (the setting is
+    global) and restored afterwards, also when a task raises (the first
+    exception is raised after all the tasks ended).
+
+    Parameters
+    ----------
+    tasks : list of callable
+        Called without arguments.
+
+    Returns
+    -------
+    results : list
+    """
+    from concurrent.futures import wait
+
+    if len(tasks) <= 1:
+        return [task() for task in tasks]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    futures = []
+    try:
+        futures = [worker.submit(task)
+                   for worker, task in zip(_workers(len(tasks) - 1), tasks[1:])]
+        first = tasks[0]()
+    finally:
+        wait(futures)
+        torch.set_num_threads(previous)
+    return [first] + [future.result() for future in futures]
 
 
 def iter_row_chunks(n_rows, chunk_size):

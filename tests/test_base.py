@@ -148,3 +148,30 @@ def test_idle_cpus_reads_this_machine():
     assert _torch_utils._running_tasks() >= 1
     assert _torch_utils._own_running_threads() >= 1
     assert 1 <= _torch_utils.idle_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_run_in_threads_runs_each_task_on_its_own_thread_and_restores_threads():
+    import threading
+
+    from skdeepmix._torch_utils import run_in_threads
+
+    before = torch.get_num_threads()
+    seen = []
+
+    def task(i):
+        seen.append(torch.get_num_threads())  # one torch thread in every task
+        return i, threading.current_thread()
+
+    results = run_in_threads([lambda i=i: task(i) for i in range(3)])
+    assert [i for i, _ in results] == [0, 1, 2]  # in order
+    assert len({thread.name for _, thread in results}) == 3
+    assert results[0][1] is threading.current_thread()  # the caller runs the first
+    assert seen == [1, 1, 1]
+    assert torch.get_num_threads() == before
+
+    def fails():
+        raise RuntimeError("task failed")
+
+    with pytest.raises(RuntimeError, match="task failed"):
+        run_in_threads([lambda: 0, fails])
+    assert torch.get_num_threads() == before

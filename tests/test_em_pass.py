@@ -222,3 +222,89 @@ def test_partial_second_pass_is_exact_across_processes():
     for rank in ranks:
         for got, want in zip(rank[0], single[:3]):
             assert float((got - want).abs().max() / want.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("estimator", ["GaussianMixture", "BayesianGaussianMixture"])
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_pass_split_among_threads_equals_one_thread(monkeypatch, estimator, covariance_type):
+    """With several CPU threads, the chunks of an EM pass are summed on
+    separate threads (one pass each, added in order): the same fit."""
+    import warnings
+
+    import numpy as np
+    from sklearn.exceptions import ConvergenceWarning
+
+    import skdeepmix
+    from skdeepmix import _base, _em
+    from skdeepmix._torch_utils import run_in_threads
+
+    X, _, _, sample_weight = _data()
+    X, sample_weight = X.numpy(), sample_weight.numpy()
+    calls = []
+
+    def counted(tasks):
+        calls.append(len(tasks))
+        return run_in_threads(tasks)
+
+    monkeypatch.setattr(_em, "run_in_threads", counted)
+
+    def fit(threads):
+        model = getattr(skdeepmix, estimator)(n_components=K, covariance_type=covariance_type, chunk_size=400,
+                                              random_state=0, max_iter=5, tol=0)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(type(model), "_parallel_work", 0)  # small data, threads anyway
+                patch.setattr(_base, "idle_cpus", lambda: threads)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)  # 5 iterations
+                    model.fit(X, sample_weight=sample_weight)
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(before)
+        return model
+
+    one = fit(1)
+    assert calls == []
+    two = fit(2)
+    assert calls and set(calls) == {2}
+    np.testing.assert_allclose(two.lower_bound_, one.lower_bound_, rtol=1e-12)
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_replicas_merge_to_the_whole_pass(covariance_type):
+    """Rows added to replicas (exact components included) and merged give
+    the sums of one pass over all the rows."""
+    X, means, weights, sample_weight = _data(shift=1e4, spread=1e-4, error=1e-5)
+    covariances = _covariances(covariance_type, 1.0)
+    if covariance_type == "tied":
+        covariances = covariances * 1e-8
+    else:
+        covariances[[1, 3]] *= 1e-8
+    chol = G.precision_cholesky_from_covariances(covariances, covariance_type)
+    center, log_weights = weights @ means, weights.log()
+
+    def new_pass():
+        return G.MixturePass(covariance_type, center, K, means=means, precisions_cholesky=chol,
+                             log_offsets=log_weights, entropy=True)
+
+    def rows():
+        for start in range(0, N, 700):
+            yield X[start:start + 700], None, sample_weight[start:start + 700]
+
+    whole, parts = new_pass(), new_pass()
+    assert whole.exact_components
+    replica = parts.replica()
+    for i, (chunk, _, chunk_weights) in enumerate(rows()):
+        whole.add(chunk, None, chunk_weights)
+        (parts if i % 2 else replica).add(chunk, None, chunk_weights)
+    parts.merge(replica)
+    # the same sums in another order: equal to rounding, relative to each result
+    for a, b in zip(whole.finalize(0.0, None, rows), parts.finalize(0.0, None, rows)):
+        assert (a - b).abs().max() <= 1e-9 * a.abs().max()
+    for name in ("log_prob_sum", "resp_log_resp_sum", "weight_sum"):
+        torch.testing.assert_close(getattr(whole.stats, name), getattr(parts.stats, name),
+                                   rtol=1e-12, atol=0)
