@@ -75,6 +75,7 @@ import math
 import warnings
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from numbers import Integral, Real
 from typing import Any, Optional
 
@@ -106,6 +107,8 @@ from ._torch_utils import (
     make_generator,
     resolve_device,
     resolve_dtype,
+    run_in_threads,
+    threads_for_rows,
     to_numpy,
     to_tensor,
 )
@@ -541,21 +544,39 @@ class BaseDeepMixture(_CallbackSupportMixin, DensityMixin, BaseEstimator, metacl
 
         The outputs are written into tensors allocated once: many small
         per-chunk results kept alive between the chunks' large temporaries
-        fragment the heap.
+        fragment the heap. Inside a :class:`~skdeepmix._torch_utils.row_threads`
+        block of several threads, the chunks after the first are split into
+        contiguous runs, one per thread, each writing its own rows.
         """
         n_rows = X.shape[0]
+        chunks = list(iter_row_chunks(n_rows, self._rows_per_chunk()))
         outputs, pending, as_tuple = None, [], False
-        for rows in iter_row_chunks(n_rows, self._rows_per_chunk()):
-            chunk = to_tensor(X[rows], device, self._torch_dtype())
-            result = fn(chunk)
+
+        def parts_of(rows):
+            result = fn(to_tensor(X[rows], device, self._torch_dtype()))
             as_tuple = isinstance(result, tuple)
-            parts = result if as_tuple else (result,)
+            return (result if as_tuple else (result,)), as_tuple
+
+        def write(share):
+            for rows in share:
+                for out, part in zip(outputs, parts_of(rows)[0]):
+                    out[rows] = part
+
+        for i, rows in enumerate(chunks):
+            parts, as_tuple = parts_of(rows)
             if outputs is None and not pending:
                 if all(p.dim() >= 1 and p.shape[0] == rows.stop - rows.start for p in parts):
                     outputs = tuple(p.new_empty((n_rows, *p.shape[1:])) for p in parts)
             if outputs is not None:
                 for out, part in zip(outputs, parts):
                     out[rows] = part
+                rest = chunks[i + 1:]
+                n_threads = min(threads_for_rows(), len(rest))
+                if n_threads > 1 and isinstance(X, (np.ndarray, torch.Tensor)):
+                    bounds = np.linspace(0, len(rest), n_threads + 1).round().astype(int)
+                    run_in_threads([partial(write, rest[a:b])
+                                    for a, b in zip(bounds[:-1], bounds[1:])])
+                    break
             else:  # outputs not one row per row: concatenate
                 pending.append(parts)
         if outputs is None:

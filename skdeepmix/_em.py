@@ -50,7 +50,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from . import _gaussian as G
 from ._base import BaseDeepMixture
 from ._kmeans import kmeans, kmeans_plusplus
-from ._torch_utils import iter_row_chunks, run_in_threads, to_numpy, to_tensor
+from ._torch_utils import (
+    iter_row_chunks, row_threads, run_in_threads, threads_for_rows, to_numpy, to_tensor,
+)
 
 __all__ = [
     "BaseEMMixture",
@@ -218,11 +220,17 @@ class BaseEMMixture(BaseDeepMixture):
             work = max(work, K * d)
         return work * self._torch_dtype().itemsize // 4
 
+    def _threads(self, n_rows, device):
+        """Context for a call on ``n_rows`` rows: torch on one thread, and
+        the chosen CPU threads (:meth:`_n_threads`) for the row chunks of the
+        EM passes and of predictions (:class:`~skdeepmix._torch_utils.row_threads`)."""
+        return row_threads(self._n_threads(n_rows) if device.type == "cpu" else None)
+
     def _thread_shares(self, X, chunks):
         """The row chunks of an EM pass split among CPU threads: contiguous
         runs of chunks, one per thread (one run when the rows are streamed,
-        not on the CPU, or torch has one thread here)."""
-        n_threads = min(torch.get_num_threads(), len(chunks))
+        not on the CPU, or there is one thread for rows)."""
+        n_threads = min(threads_for_rows(), len(chunks))
         if n_threads <= 1 or not isinstance(X, torch.Tensor) or X.device.type != "cpu":
             return [chunks]
         bounds = np.linspace(0, len(chunks), n_threads + 1).round().astype(int)

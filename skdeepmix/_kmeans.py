@@ -27,9 +27,41 @@ import math
 import torch
 
 from ._distributed import RowPartition, searchsorted_global
-from ._torch_utils import iter_row_chunks
+from ._torch_utils import iter_row_chunks, run_in_threads, threads_for_rows
 
 __all__ = ["kmeans_plusplus", "kmeans", "assign_labels"]
+
+
+def _sum_over_chunks(X, chunk_size, body):
+    """``sum(body(rows) for rows in the row chunks of X)`` (a tensor or a
+    tuple of tensors; ``body`` may also write its rows' results and return
+    None). Inside a :class:`~skdeepmix._torch_utils.row_threads` block of
+    several threads, the chunks are split into contiguous runs, one per
+    thread, each summed on its own, the runs' sums added in order."""
+    chunks = list(iter_row_chunks(X.shape[0], chunk_size))
+    n_threads = min(threads_for_rows(), len(chunks))
+
+    def run(share):
+        total = None
+        for rows in share:
+            part = body(rows)
+            if part is not None:
+                total = part if total is None else (
+                    tuple(a + b for a, b in zip(total, part)) if isinstance(part, tuple)
+                    else total + part)
+        return total
+
+    if n_threads <= 1 or not isinstance(X, torch.Tensor) or X.device.type != "cpu":
+        return run(chunks)
+    bounds = [round(i * len(chunks) / n_threads) for i in range(n_threads + 1)]
+    totals = [t for t in run_in_threads([lambda a=a, b=b: run(chunks[a:b])
+                                         for a, b in zip(bounds[:-1], bounds[1:])])
+              if t is not None]
+    if not totals:
+        return None
+    if isinstance(totals[0], tuple):
+        return tuple(sum(column[1:], column[0]) for column in zip(*totals))
+    return sum(totals[1:], totals[0])
 
 
 def _squared_distances(X, centers, center_sq_norms):
@@ -52,12 +84,14 @@ def _data_mean(X, chunk_size, partition=None, sample_weight=None):
     partition = _single(X, partition)
     total = torch.zeros(X.shape[1], dtype=X.dtype, device=X.device)
     if sample_weight is None:
-        for rows in iter_row_chunks(X.shape[0], chunk_size):
-            total += X[rows].sum(0)
+        body = lambda rows: X[rows].sum(0)  # noqa: E731
+    else:
+        body = lambda rows: sample_weight[rows] @ X[rows]  # noqa: E731
+    if X.shape[0]:  # (an empty shard adds nothing)
+        total += _sum_over_chunks(X, chunk_size, body)
+    if sample_weight is None:
         return partition.sum(total) / partition.n_total
     weight = sample_weight.sum().reshape(1)
-    for rows in iter_row_chunks(X.shape[0], chunk_size):
-        total += sample_weight[rows] @ X[rows]
     partition.sum(total, weight)
     return total / weight
 
@@ -113,10 +147,14 @@ def kmeans_plusplus(X, n_clusters, generator, chunk_size=65536, *, partition=Non
         cand = partition.rows(X, candidates)
         cand_shifted = cand - shift
         cand_sq = cand_shifted.square().sum(1)
-        for rows in iter_row_chunks(n_local, chunk_size):
+
+        def potential_of(rows):
             d2 = torch.minimum(_squared_distances(X[rows] - shift, cand_shifted, cand_sq),
                                closest[rows, None])
-            potentials += d2.sum(0) if sample_weight is None else sample_weight[rows] @ d2
+            return d2.sum(0) if sample_weight is None else sample_weight[rows] @ d2
+
+        if n_local:
+            potentials += _sum_over_chunks(X, chunk_size, potential_of)
         partition.sum(potentials)
         best = int(torch.argmin(potentials))
         indices.append(int(candidates[best]))
@@ -156,9 +194,12 @@ def assign_labels(X, centers, chunk_size=65536, shift=None):
     sq = centers.square().sum(1)
     labels = torch.empty(X.shape[0], dtype=torch.long, device=X.device)
     dist = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
-    for rows in iter_row_chunks(X.shape[0], chunk_size):
+
+    def nearest(rows):
         values, index = _squared_distances(X[rows] - shift, centers, sq).min(1)
         labels[rows], dist[rows] = index, values
+
+    _sum_over_chunks(X, chunk_size, nearest)
     return labels, dist
 
 
@@ -209,12 +250,17 @@ def kmeans(
         new_labels, dist = assign_labels(X, centers, chunk_size, mean)
         sums = torch.zeros_like(centers)
         counts = torch.zeros(n_clusters, dtype=X.dtype, device=X.device)
-        for rows in iter_row_chunks(n_samples, chunk_size):
+
+        def sums_of(rows):
             members = torch.nn.functional.one_hot(new_labels[rows], n_clusters).to(X.dtype)
             if weight is not None:
                 members *= weight[rows, None]
-            sums += members.T @ (X[rows] - mean)
-            counts += members.sum(0)
+            return members.T @ (X[rows] - mean), members.sum(0)
+
+        if n_samples:
+            chunk_sums, chunk_counts = _sum_over_chunks(X, chunk_size, sums_of)
+            sums += chunk_sums
+            counts += chunk_counts
         partition.sum(sums, counts)
         safe = counts.clamp_min(torch.finfo(X.dtype).tiny)
         new_centers = torch.where(counts[:, None] > 0, sums / safe[:, None] + mean, centers)

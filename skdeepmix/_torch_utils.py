@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -16,6 +17,8 @@ __all__ = [
     "chunk_rows",
     "limit_threads",
     "run_in_threads",
+    "row_threads",
+    "threads_for_rows",
     "idle_cpus",
     "resolve_device",
     "resolve_dtype",
@@ -318,12 +321,50 @@ class limit_threads:
         return False
 
 
+_LOCAL = threading.local()
+
+
+class row_threads:
+    """Context manager: torch on one thread, ``n_threads`` CPU threads for
+    independent row chunks (:func:`threads_for_rows`, :func:`run_in_threads`).
+
+    For work made of independent row chunks (an EM pass, a prediction), one
+    torch thread per chunk on ``n_threads`` threads is faster and steadier
+    than torch's OpenMP pool: the pool's threads spin for milliseconds after
+    each parallel operation, taking the core a helper thread needs, and wait
+    at a barrier after each of a chunk's small operations. torch's (global)
+    thread count is 1 until the last such block ends, then restored;
+    ``None`` changes nothing (a GPU).
+    """
+
+    def __init__(self, n_threads):
+        self.n_threads = n_threads
+
+    def __enter__(self):
+        self.previous = getattr(_LOCAL, "row_threads", 1)
+        if self.n_threads is not None:
+            _one_torch_thread(True)
+            _LOCAL.row_threads = max(int(self.n_threads), 1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.n_threads is not None:
+            _LOCAL.row_threads = self.previous
+            _one_torch_thread(False)
+        return False
+
+
+def threads_for_rows():
+    """The threads a :class:`row_threads` block of this thread gives to row
+    chunks (1 outside one)."""
+    return getattr(_LOCAL, "row_threads", 1)
+
+
 class _Worker:
     """A helper thread that runs the tasks put in its queue, one at a time."""
 
     def __init__(self, name):
         import queue
-        import threading
 
         self._tasks = queue.SimpleQueue()
         threading.Thread(target=self._loop, name=name, daemon=True).start()
@@ -383,8 +424,7 @@ def run_in_threads(tasks):
 
     if len(tasks) <= 1:
         return [task() for task in tasks]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    _one_torch_thread(True)
     futures = []
     try:
         futures = [worker.submit(task)
@@ -392,8 +432,28 @@ def run_in_threads(tasks):
         first = tasks[0]()
     finally:
         wait(futures)
-        torch.set_num_threads(previous)
+        _one_torch_thread(False)
     return [first] + [future.result() for future in futures]
+
+
+_ONE_THREAD = {"depth": 0, "previous": None}
+_ONE_THREAD_LOCK = threading.Lock()
+
+
+def _one_torch_thread(enter):
+    """Set torch's (global) thread count to 1 on the first ``enter``, and
+    restore it when the last caller leaves (calls from several user threads
+    at once must not leave it at 1)."""
+    with _ONE_THREAD_LOCK:
+        if enter:
+            if _ONE_THREAD["depth"] == 0:
+                _ONE_THREAD["previous"] = torch.get_num_threads()
+                torch.set_num_threads(1)
+            _ONE_THREAD["depth"] += 1
+        else:
+            _ONE_THREAD["depth"] -= 1
+            if _ONE_THREAD["depth"] == 0:
+                torch.set_num_threads(_ONE_THREAD["previous"])
 
 
 def iter_row_chunks(n_rows, chunk_size):

@@ -175,3 +175,29 @@ def test_run_in_threads_runs_each_task_on_its_own_thread_and_restores_threads():
     with pytest.raises(RuntimeError, match="task failed"):
         run_in_threads([lambda: 0, fails])
     assert torch.get_num_threads() == before
+
+
+def test_run_in_threads_from_several_user_threads_restores_the_count():
+    """Overlapping calls (e.g. joblib's threading backend): the thread count
+    stays 1 until the last call ends, then is what it was."""
+    import threading
+    import time
+
+    from skdeepmix._torch_utils import run_in_threads
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def call(name, seconds):
+        run_in_threads([lambda: time.sleep(seconds), lambda: time.sleep(seconds)])
+        seen[name] = torch.get_num_threads()
+
+    first = threading.Thread(target=call, args=("first", 0.1))
+    second = threading.Thread(target=call, args=("second", 0.3))
+    first.start()
+    time.sleep(0.03)
+    second.start()
+    first.join()
+    second.join()
+    assert seen["first"] == 1  # the second call was still running
+    assert torch.get_num_threads() == before

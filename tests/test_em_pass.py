@@ -227,8 +227,9 @@ def test_partial_second_pass_is_exact_across_processes():
 @pytest.mark.parametrize("estimator", ["GaussianMixture", "BayesianGaussianMixture"])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_pass_split_among_threads_equals_one_thread(monkeypatch, estimator, covariance_type):
-    """With several CPU threads, the chunks of an EM pass are summed on
-    separate threads (one pass each, added in order): the same fit."""
+    """With several CPU threads, the chunks of an EM pass (and of k-means
+    and predictions) are summed on separate threads (each on its own, added
+    in order): the same fit and the same predictions."""
     import warnings
 
     import numpy as np
@@ -260,15 +261,17 @@ def test_pass_split_among_threads_equals_one_thread(monkeypatch, estimator, cova
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)  # 5 iterations
                     model.fit(X, sample_weight=sample_weight)
+                scores = model.score_samples(X), model.predict_proba(X)
             assert torch.get_num_threads() == threads
         finally:
             torch.set_num_threads(before)
-        return model
+        return model, scores
 
-    one = fit(1)
-    assert calls == []
-    two = fit(2)
-    assert calls and set(calls) == {2}
+    (one, one_scores), used_alone = fit(1), list(calls)
+    (two, two_scores), used_split = fit(2), list(calls)
+    assert used_alone == [] and used_split and set(used_split) == {2}
+    for a, b in zip(one_scores, two_scores):  # predictions split among threads too
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(two.lower_bound_, one.lower_bound_, rtol=1e-12)
     for name in ("weights_", "means_", "covariances_"):
         np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-9, atol=1e-12)

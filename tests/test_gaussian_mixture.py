@@ -404,3 +404,15 @@ def test_benchmark_quick_run(tmp_path):
             if line.startswith("| kmeans | far | full")]
     assert len(rows) == 2  # timings and lower bounds
     assert float(rows[1][8]) < 1e-9  # float64 lower bound, relative to scikit-learn's
+
+
+def test_pass_threads_benchmark_quick_run(tmp_path):
+    """benchmarks/bench_pass_threads.py --quick times the three modes and writes its table."""
+    bench = load_benchmark("bench_pass_threads")
+    out = tmp_path / "pass_threads.md"
+    threads = torch.get_num_threads()
+    bench.main(["--quick", "--out", str(out)])
+    assert torch.get_num_threads() == threads
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 5 and all(kind in "".join(rows) for kind in ("full", "diag"))
+    assert "split ms: median (range over processes)" in rows[0]
