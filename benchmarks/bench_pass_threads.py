@@ -13,9 +13,10 @@ a fit uses) three ways, in several fresh processes:
   what a fit does now, with torch on one thread for the whole call).
 
 Workload: ``make_blobs(100_000, 32, centers=16)``, K=16, float32, means at 16
-data rows, unit variances, the chunk size a fit uses. Per process: the median of
-``--repeats`` passes per mode (interleaved); the table gives, per mode, the
-median over processes and the range of the per-process medians, and the
+data rows, unit variances, the chunk size a fit uses. Per process and mode: a
+warm-up pass, then ``--repeats`` passes back to back (as a fit's iterations),
+modes one after the other with a pause between them; the table gives, per mode,
+the median over processes of the per-process medians, their range, and the
 slowest single pass.
 
 Run::
@@ -82,10 +83,11 @@ def one_process(covariance_type, n_samples, repeats):
     modes = {"1 thread": (1, lambda: run(starts)), "torch pool": (2, lambda: run(starts)),
              "split": (1, split)}
     times = {mode: [] for mode in modes}
-    for _ in range(repeats):
-        for mode, (threads, function) in modes.items():
-            torch.set_num_threads(threads)
-            time.sleep(0.05)  # the previous mode's pool threads stop spinning
+    for mode, (threads, function) in modes.items():  # back to back, as a fit's passes
+        torch.set_num_threads(threads)
+        time.sleep(0.2)  # the previous mode's pool threads stop spinning
+        function()  # warm-up
+        for _ in range(repeats):
             start = time.perf_counter()
             function()
             times[mode].append(1e3 * (time.perf_counter() - start))
@@ -132,7 +134,8 @@ def main(argv=None):
         "",
         f"Workload: `make_blobs({n_samples}, 32, centers=16)`, K=16, float32, the chunk size "
         "a fit uses; one E-step + statistics pass (`MixturePass`). "
-        f"{processes} fresh processes, {repeats} interleaved passes per mode in each; "
+        f"{processes} fresh processes; in each, per mode, a warm-up pass then {repeats} passes "
+        "back to back (as a fit's iterations); "
         "per mode: the median over processes of the per-process medians, their range, "
         "and the slowest single pass. Modes: `1 thread`; `torch pool` = 2 torch threads "
         "(what the EM pass did before); `split` = two runs of chunks, one per thread, "

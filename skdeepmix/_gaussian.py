@@ -759,14 +759,13 @@ class MixturePass:
         """Whitened differences ``(x - mu_k) P_k`` of the rows for the exact
         components ``group`` (indices), shape (len(group), n, d)."""
         z = features[:, self._ones_column + 1:]
-        centred = z[:, None, :] - (self.means[group] - self.center)  # (n, g, d)
+        centred = z - (self.means[group] - self.center)[:, None, :]  # (g, n, d)
         P, kind = self.precisions_cholesky, self.covariance_type
         if kind == "full":
-            return torch.bmm(centred.transpose(0, 1), P[group])
+            return torch.bmm(centred, P[group])
         if kind == "tied":
-            return (centred @ P).transpose(0, 1)
-        scale = P[group] if kind == "diag" else P[group, None]
-        return (centred * scale).transpose(0, 1)
+            return centred @ P
+        return centred.mul_(P[group, None, :] if kind == "diag" else P[group, None, None])
 
     def _log_prob_coefficients(self):
         """(n_components, columns): log-densities = ``coefficients @ featuresᵀ``."""
@@ -789,15 +788,29 @@ class MixturePass:
         const = const - 0.5 * (a.square() * precision).sum(1)
         return torch.cat([quadratic, const[:, None], a * precision], 1)
 
+    def _exact_terms(self, features, group):
+        """What the exact components ``group`` need of the rows: their
+        whitened differences ('full', 'tied'), or the squares of them."""
+        whitened = self._whitened(features, group)
+        return whitened if self.covariance_type in ("full", "tied") else whitened.square_()
+
     def _exact_log_prob(self, features, log_prob):
         """Set the rows of ``log_prob`` (n_components, n) of the exact
-        components from their whitened differences."""
+        components from their whitened differences. Those :meth:`add` needs
+        again for the second moments are kept, up to the size of the chunk's
+        features (the others are recomputed)."""
+        self._kept = []
+        room = features.numel() if self.covariance_type != "tied" else 0
         for _, group in self._groups:
-            whitened = self._whitened(features, group)
-            rows = self._constants[group, None] - 0.5 * whitened.square().sum(2)
+            terms = self._exact_terms(features, group)
+            squares = terms.square() if self.covariance_type in ("full", "tied") else terms
+            rows = self._constants[group, None] - 0.5 * squares.sum(2)
             if self.covariance_type == "tied":  # the rows' common term is added back
-                rows += 0.5 * features[:, :whitened.shape[2]].square().sum(1)
+                rows += 0.5 * features[:, :terms.shape[2]].square().sum(1)
             log_prob[group] = rows
+            keep = terms.numel() <= room
+            room -= terms.numel() if keep else 0
+            self._kept.append(terms if keep else None)
 
     # ------------------------------------------------------------- E-step
     def _responsibilities(self, features, entropy=False):
@@ -827,7 +840,9 @@ class MixturePass:
 
     def responsibilities(self, X):
         """Responsibilities of the rows ``X``, shape (n, n_components)."""
-        return self._responsibilities(self._features(X))[0].T
+        resp = self._responsibilities(self._features(X))[0].T
+        self._kept = None
+        return resp
 
     # --------------------------------------------------------- statistics
     def add(self, X, resp=None, sample_weight=None):
@@ -843,8 +858,10 @@ class MixturePass:
         """
         stats, wide = self.stats, self.stats.weight_sum.dtype
         features = self._features(X)
+        kept = [None] * len(self._groups)
         if resp is None:
             resp, log_prob_norm, entropy = self._responsibilities(features, self.entropy)
+            kept, self._kept = self._kept, None
             if self.entropy:
                 stats.resp_log_resp_sum += entropy.sum(dtype=wide) \
                     if sample_weight is None else (sample_weight @ entropy).to(wide)
@@ -863,13 +880,14 @@ class MixturePass:
             weighted = z if sample_weight is None else z * sample_weight[:, None]
             stats.second.addmm_(weighted.T, z)
         else:  # second moments of the exact components around their means, whitened
-            for positions, group in self._groups:
-                whitened, weighted = self._whitened(features, group), resp[group]
-                second = self._exact_second[positions]
+            for (positions, group), terms in zip(self._groups, kept):
+                if terms is None:
+                    terms = self._exact_terms(features, group)
+                weighted, second = resp[group], self._exact_second[positions]
                 if kind == "full":
-                    second.baddbmm_((whitened * weighted[:, :, None]).transpose(1, 2), whitened)
-                else:
-                    second += torch.bmm(weighted[:, None, :], whitened.square())[:, 0]
+                    second.baddbmm_((terms * weighted[:, :, None]).transpose(1, 2), terms)
+                else:  # the squares
+                    second += torch.bmm(weighted[:, None, :], terms)[:, 0]
         self._sums.addmm_(resp, features[:, self._sum_columns])
 
     def _unwhitened(self, whitened_second):
