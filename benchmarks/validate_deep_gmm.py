@@ -240,7 +240,10 @@ def run_search(args):
             for name, s in splits.items()}
     lines.insert(-2, "Baseline validation scores: " + ", ".join(
         f"{name} {value:.2f}" for name, value in base.items()) + "\n")
-    for params in SEARCH:
+    candidates = SEARCH if args.candidates is None else [
+        {k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}
+        for p in args.candidates]
+    for params in candidates:
         scores = {}
         for name, s in splits.items():
             row = deep_row("search", params, s, args.seed)
@@ -250,7 +253,8 @@ def run_search(args):
         label = ", ".join(f"{k}={v!r}" for k, v in params.items())
         lines.append(f"| {label} | " + " | ".join(f"{scores[n]:.2f}" for n in scores)
                      + f" | {gain:+.2f} |")
-    write(args, "defaults_deep_gmm_search", lines)
+    stem = "defaults_deep_gmm_search" + ("" if args.candidates is None else f"_{args.name}")
+    write(args, stem, lines)
 
 
 def write(args, stem, lines):
@@ -267,6 +271,11 @@ def main():
     parser.add_argument("--datasets", nargs="+",
                         default=["bsds300", "digits", "mnist", "mnist-logit"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--candidates", type=json.loads, default=None, metavar="JSON",
+                        help="--search: a JSON list of parameter dicts to compare instead "
+                             "of SEARCH (lists for tuples); writes "
+                             "defaults_deep_gmm_search_<--name>.md")
+    parser.add_argument("--name", default="candidates")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.search:
