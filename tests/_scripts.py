@@ -12,3 +12,16 @@ def load_benchmark(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_quick(name, tmp_path, *args):
+    """Run ``benchmarks/<name>.py --quick`` writing to ``tmp_path`` and return
+    the text it wrote; torch's thread count must be what it was."""
+    import torch
+
+    bench = load_benchmark(name)
+    out = tmp_path / f"{name}.md"
+    threads = torch.get_num_threads()
+    bench.main(["--quick", *args, "--out", str(out)])
+    assert torch.get_num_threads() == threads
+    return out.read_text()

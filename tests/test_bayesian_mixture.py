@@ -15,7 +15,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from skdeepmix import BayesianGaussianMixture
 from skdeepmix.nn.dpgmm import DirichletProcessGMM
 
-from _scripts import load_benchmark
+from _scripts import run_quick
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 PRIOR_TYPES = ["dirichlet_process", "dirichlet_distribution"]
@@ -312,12 +312,7 @@ def test_given_priors_are_used(blobs):
 
 def test_benchmark_quick_run(tmp_path):
     """benchmarks/bench_bayesian_mixture.py --quick runs and writes its tables."""
-    bench = load_benchmark("bench_bayesian_mixture")
-    out = tmp_path / "bayesian_mixture.md"
-    threads = torch.get_num_threads()
-    bench.main(["--quick", "--out", str(out)])
-    assert torch.get_num_threads() == threads
-    text = out.read_text()
+    text = run_quick("bench_bayesian_mixture", tmp_path)
     assert "shared, busy machine" in text and "float64 GEMM GFLOP/s" in text
     assert "## Lower bounds after 4 iterations" in text and "## Peak memory" in text
     rows = [line.split(" | ") for line in text.splitlines()

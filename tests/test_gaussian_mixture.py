@@ -19,7 +19,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from skdeepmix import GaussianMixture
 from skdeepmix._kmeans import kmeans
 
-from _scripts import load_benchmark
+from _scripts import run_quick
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 
@@ -392,12 +392,7 @@ def test_cuda_fit_matches_cpu(blobs):
 
 def test_benchmark_quick_run(tmp_path):
     """benchmarks/bench_gaussian_mixture.py --quick runs and writes its tables."""
-    bench = load_benchmark("bench_gaussian_mixture")
-    out = tmp_path / "gaussian_mixture.md"
-    threads = torch.get_num_threads()
-    bench.main(["--quick", "--no-memory", "--out", str(out)])
-    assert torch.get_num_threads() == threads
-    text = out.read_text()
+    text = run_quick("bench_gaussian_mixture", tmp_path, "--no-memory")
     assert "shared, busy machine" in text and "float32 GEMM GFLOP/s" in text
     assert "## Lower bounds after 4 iterations" in text
     rows = [line.split(" | ") for line in text.splitlines()
@@ -408,11 +403,7 @@ def test_benchmark_quick_run(tmp_path):
 
 def test_pass_threads_benchmark_quick_run(tmp_path):
     """benchmarks/bench_pass_threads.py --quick times the three modes and writes its table."""
-    bench = load_benchmark("bench_pass_threads")
-    out = tmp_path / "pass_threads.md"
-    threads = torch.get_num_threads()
-    bench.main(["--quick", "--out", str(out)])
-    assert torch.get_num_threads() == threads
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    text = run_quick("bench_pass_threads", tmp_path)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 5 and all(kind in "".join(rows) for kind in ("full", "diag"))
     assert "split ms: median (range over processes)" in rows[0]
