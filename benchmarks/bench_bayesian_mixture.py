@@ -262,7 +262,7 @@ def _run(args):
                  "cores): the timings are indicative only; rerun on a quiet machine "
                  "(`--threads 2 --quiet-machine`) for final numbers.**", ""]
     text += [
-        f"Machine peaks measured in the same run, same threads and clock: "
+        "Machine peaks measured in the same run, same threads and clock: "
         + ", ".join(f"{key} {value:.3g}" for key, value in peaks.items()) + ".",
         "",
         "GFLOP/s and GB/s: our fused pass's matrix-product flops and a lower bound "
