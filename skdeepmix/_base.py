@@ -108,7 +108,7 @@ from ._torch_utils import (
     resolve_device,
     resolve_dtype,
     run_in_threads,
-    threads_for_rows,
+    thread_shares,
     to_numpy,
     to_tensor,
 )
@@ -570,12 +570,9 @@ class BaseDeepMixture(_CallbackSupportMixin, DensityMixin, BaseEstimator, metacl
             if outputs is not None:
                 for out, part in zip(outputs, parts):
                     out[rows] = part
-                rest = chunks[i + 1:]
-                n_threads = min(threads_for_rows(), len(rest))
-                if n_threads > 1 and isinstance(X, (np.ndarray, torch.Tensor)):
-                    bounds = np.linspace(0, len(rest), n_threads + 1).round().astype(int)
-                    run_in_threads([partial(write, rest[a:b])
-                                    for a, b in zip(bounds[:-1], bounds[1:])])
+                shares = thread_shares(chunks[i + 1:], X)
+                if len(shares) > 1:
+                    run_in_threads([partial(write, share) for share in shares])
                     break
             else:  # outputs not one row per row: concatenate
                 pending.append(parts)

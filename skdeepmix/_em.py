@@ -51,7 +51,7 @@ from . import _gaussian as G
 from ._base import BaseDeepMixture
 from ._kmeans import kmeans, kmeans_plusplus
 from ._torch_utils import (
-    iter_row_chunks, row_threads, run_in_threads, threads_for_rows, to_numpy, to_tensor,
+    iter_row_chunks, row_threads, run_in_threads, thread_shares, to_numpy, to_tensor,
 )
 
 __all__ = [
@@ -226,16 +226,6 @@ class BaseEMMixture(BaseDeepMixture):
         EM passes and of predictions (:class:`~skdeepmix._torch_utils.row_threads`)."""
         return row_threads(self._n_threads(n_rows) if device.type == "cpu" else None)
 
-    def _thread_shares(self, X, chunks):
-        """The row chunks of an EM pass split among CPU threads: contiguous
-        runs of chunks, one per thread (one run when the rows are streamed,
-        not on the CPU, or there is one thread for rows)."""
-        n_threads = min(threads_for_rows(), len(chunks))
-        if n_threads <= 1 or not isinstance(X, torch.Tensor) or X.device.type != "cpu":
-            return [chunks]
-        bounds = np.linspace(0, len(chunks), n_threads + 1).round().astype(int)
-        return [chunks[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
-
     def _row_chunks(self, n_rows):
         """Row slices of the E-step (one empty slice for an empty shard)."""
         return list(iter_row_chunks(n_rows, self._rows_per_chunk())) or [slice(0, 0)]
@@ -327,7 +317,7 @@ class BaseEMMixture(BaseDeepMixture):
                 a_pass.add(chunk, resp, chunk_weights)
 
         chunks = self._row_chunks(X.shape[0])
-        shares = self._thread_shares(X, chunks)
+        shares = thread_shares(chunks, X)
         if len(shares) > 1:  # one pass per thread, then their sums added in order
             passes = [em_pass] + [em_pass.replica() for _ in shares[1:]]
             run_in_threads([partial(add_rows, a_pass, share)

@@ -23,11 +23,12 @@ rows.
 from __future__ import annotations
 
 import math
+from functools import partial, reduce
 
 import torch
 
 from ._distributed import RowPartition, searchsorted_global
-from ._torch_utils import iter_row_chunks, run_in_threads, threads_for_rows
+from ._torch_utils import iter_row_chunks, run_in_threads, thread_shares
 
 __all__ = ["kmeans_plusplus", "kmeans", "assign_labels"]
 
@@ -38,30 +39,26 @@ def _sum_over_chunks(X, chunk_size, body):
     None). Inside a :class:`~skdeepmix._torch_utils.row_threads` block of
     several threads, the chunks are split into contiguous runs, one per
     thread, each summed on its own, the runs' sums added in order."""
-    chunks = list(iter_row_chunks(X.shape[0], chunk_size))
-    n_threads = min(threads_for_rows(), len(chunks))
+    shares = thread_shares(list(iter_row_chunks(X.shape[0], chunk_size)), X)
 
     def run(share):
         total = None
         for rows in share:
-            part = body(rows)
-            if part is not None:
-                total = part if total is None else (
-                    tuple(a + b for a, b in zip(total, part)) if isinstance(part, tuple)
-                    else total + part)
+            total = _added(total, body(rows))
         return total
 
-    if n_threads <= 1 or not isinstance(X, torch.Tensor) or X.device.type != "cpu":
-        return run(chunks)
-    bounds = [round(i * len(chunks) / n_threads) for i in range(n_threads + 1)]
-    totals = [t for t in run_in_threads([lambda a=a, b=b: run(chunks[a:b])
-                                         for a, b in zip(bounds[:-1], bounds[1:])])
-              if t is not None]
-    if not totals:
-        return None
-    if isinstance(totals[0], tuple):
-        return tuple(sum(column[1:], column[0]) for column in zip(*totals))
-    return sum(totals[1:], totals[0])
+    if len(shares) == 1:
+        return run(shares[0])
+    return reduce(_added, run_in_threads([partial(run, share) for share in shares]), None)
+
+
+def _added(total, part):
+    """``total + part`` for tensors or tuples of tensors, None counting as nothing."""
+    if total is None or part is None:
+        return part if total is None else total
+    if isinstance(part, tuple):
+        return tuple(a + b for a, b in zip(total, part))
+    return total + part
 
 
 def _squared_distances(X, centers, center_sq_norms):

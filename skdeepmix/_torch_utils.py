@@ -19,6 +19,7 @@ __all__ = [
     "run_in_threads",
     "row_threads",
     "threads_for_rows",
+    "thread_shares",
     "idle_cpus",
     "resolve_device",
     "resolve_dtype",
@@ -358,6 +359,20 @@ def threads_for_rows():
     """The threads a :class:`row_threads` block of this thread gives to row
     chunks (1 outside one)."""
     return getattr(_LOCAL, "row_threads", 1)
+
+
+def thread_shares(chunks, X):
+    """The row ``chunks`` of ``X`` split into contiguous runs, one per thread
+    that a :class:`row_threads` block gives (:func:`threads_for_rows`), when
+    the rows are in memory on the CPU (a numpy array or a CPU tensor); one run
+    otherwise (rows streamed from a file, a GPU, one thread)."""
+    n_threads = min(threads_for_rows(), len(chunks))
+    in_memory = isinstance(X, np.ndarray) or (
+        isinstance(X, torch.Tensor) and X.device.type == "cpu")
+    if n_threads <= 1 or not in_memory:
+        return [chunks]
+    bounds = [round(i * len(chunks) / n_threads) for i in range(n_threads + 1)]
+    return [chunks[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 class _Worker:
