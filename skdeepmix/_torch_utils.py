@@ -63,7 +63,7 @@ def resolve_device(device, *, fallback_to_cpu=False):
     supported = "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
     if isinstance(device, str):
         if device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             resolved = torch.device(device)
         except (RuntimeError, ValueError) as exc:
@@ -87,6 +87,10 @@ def resolve_device(device, *, fallback_to_cpu=False):
     else:
         raise ValueError(f"Unsupported device {str(device)!r}: {supported}.")
     if available:
+        # With its index, so that it equals the device of the tensors made on it.
+        if resolved.index is None:
+            index = torch.cuda.current_device() if resolved.type == "cuda" else 0
+            resolved = torch.device(resolved.type, index)
         return resolved
     if fallback_to_cpu:
         return torch.device("cpu")
@@ -217,9 +221,14 @@ def to_numpy(tensor):
 #: products and small enough to stay in the CPU's caches.
 MEMORY_BUDGET = 2**20
 
+#: The same on an accelerator (CUDA, MPS), where a chunk's cost is dominated by
+#: the launch of its dozens of kernels unless it is large: 2**25 values are
+#: 128 MiB in float32.
+ACCELERATOR_BUDGET = 2**25
 
-def chunk_rows(work_per_row, chunk_size=None, *, budget=MEMORY_BUDGET, min_rows=64,
-               max_rows=2**16):
+
+def chunk_rows(work_per_row, chunk_size=None, *, device=None, budget=None, min_rows=64,
+               max_rows=None):
     """Rows to process at once: ``chunk_size``, or what fits the memory budget.
 
     The one rule by which every estimator bounds its temporaries.
@@ -230,10 +239,15 @@ def chunk_rows(work_per_row, chunk_size=None, *, budget=MEMORY_BUDGET, min_rows=
         Temporary values one row needs (e.g. ``n_components * n_features``).
     chunk_size : int or None, default=None
         A user's explicit choice, returned as it is.
-    budget : int, default=MEMORY_BUDGET
-        Values the largest temporary may hold.
-    min_rows, max_rows : int
-        Bounds of the automatic choice.
+    device : torch.device or None, default=None
+        Where the chunks are processed; sets the default budget and row bound
+        (CPU or None: cache-sized chunks, at most 2**16 rows; an accelerator:
+        :data:`ACCELERATOR_BUDGET`, at most 2**22 rows).
+    budget : int or None, default=None
+        Values the largest temporary may hold (default: by ``device``).
+    min_rows : int, default=64
+    max_rows : int or None, default=None
+        Bounds of the automatic choice (``max_rows`` default: by ``device``).
 
     Returns
     -------
@@ -241,6 +255,11 @@ def chunk_rows(work_per_row, chunk_size=None, *, budget=MEMORY_BUDGET, min_rows=
     """
     if chunk_size is not None:
         return int(chunk_size)
+    accelerator = device is not None and torch.device(device).type != "cpu"
+    if budget is None:
+        budget = ACCELERATOR_BUDGET if accelerator else MEMORY_BUDGET
+    if max_rows is None:
+        max_rows = 2**22 if accelerator else 2**16
     return int(min(max(budget // max(int(work_per_row), 1), min_rows), max_rows))
 
 

@@ -578,10 +578,12 @@ class GMVAEDPGMM(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseDeepMixt
         """
         check_is_fitted(self)
         device = self._runtime_device()
+        # Drawn on the CPU, so that a model scores the same on every device.
+        cpu = torch.device("cpu")
         noise = torch.randn(
-            self.n_score_samples, self.latent_dim, device=device, dtype=self._torch_dtype(),
-            generator=make_generator(self.random_state, device),
-        )
+            self.n_score_samples, self.latent_dim, dtype=self._torch_dtype(),
+            generator=make_generator(self.random_state, cpu),
+        ).to(device)
         return to_numpy(self._inference(lambda c: self._estimate_log_prob_resp(c, noise)[0], X))
 
     def transform(self, X):

@@ -110,6 +110,27 @@ def test_resolve_device_and_dtype():
         resolve_dtype("int64")
 
 
+def test_chunks_are_larger_on_an_accelerator():
+    from skdeepmix._torch_utils import ACCELERATOR_BUDGET, MEMORY_BUDGET, chunk_rows
+
+    assert chunk_rows(100) == chunk_rows(100, device=torch.device("cpu")) == MEMORY_BUDGET // 100
+    assert chunk_rows(100, device=torch.device("cuda")) == ACCELERATOR_BUDGET // 100
+    assert chunk_rows(1, device=torch.device("cuda")) == 2**22  # bounded
+    assert chunk_rows(100, 7, device=torch.device("cuda")) == 7  # the user's choice
+
+
+def test_resolved_cuda_device_has_its_index(monkeypatch):
+    # Tensors made on 'cuda' report 'cuda:N', and torch.device('cuda') != 'cuda:0':
+    # an index-less device made cached parameters look stale on every call.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device(torch.device("cuda")) == torch.device("cuda", 1)
+
+
 def test_generator_is_seeded_by_random_state():
     a = torch.rand(3, generator=make_generator(5, torch.device("cpu")))
     b = torch.rand(3, generator=make_generator(5, torch.device("cpu")))
