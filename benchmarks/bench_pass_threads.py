@@ -59,7 +59,7 @@ def one_process(covariance_type, n_samples, repeats):
     X = torch.tensor(make_blobs(n_samples, d, centers=K, random_state=0)[0], dtype=torch.float32)
     rows = GaussianMixture(K, covariance_type=covariance_type, dtype="float32")
     rows.n_features_in_ = d
-    chunk = rows._rows_per_chunk()
+    chunk = rows._rows_per_chunk(X.device)
     starts = list(range(0, n_samples, chunk))
     half = (len(starts) + 1) // 2
     center = X[:: max(1, n_samples // 4096)].mean(0)

@@ -429,9 +429,9 @@ class BaseDeepMixture(_CallbackSupportMixin, DensityMixin, BaseEstimator, metacl
         dtype = getattr(X, "dtype", None)
         return torch.float32 if dtype in (np.float32, torch.float32) else torch.float64
 
-    def _rows_per_chunk(self):
-        """Rows processed at once (bounds the memory of the temporaries)."""
-        return chunk_rows(self._work_per_row(), self.chunk_size)
+    def _rows_per_chunk(self, device):
+        """Rows processed at once on ``device`` (bounds the memory of the temporaries)."""
+        return chunk_rows(self._work_per_row(), self.chunk_size, device=device)
 
     def _n_threads(self, n_rows):
         """CPU threads for work on ``n_rows`` rows.
@@ -549,7 +549,7 @@ class BaseDeepMixture(_CallbackSupportMixin, DensityMixin, BaseEstimator, metacl
         contiguous runs, one per thread, each writing its own rows.
         """
         n_rows = X.shape[0]
-        chunks = list(iter_row_chunks(n_rows, self._rows_per_chunk()))
+        chunks = list(iter_row_chunks(n_rows, self._rows_per_chunk(device)))
         outputs, pending, as_tuple = None, [], False
 
         def parts_of(rows):

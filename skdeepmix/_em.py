@@ -226,9 +226,9 @@ class BaseEMMixture(BaseDeepMixture):
         EM passes and of predictions (:class:`~skdeepmix._torch_utils.row_threads`)."""
         return row_threads(self._n_threads(n_rows) if device.type == "cpu" else None)
 
-    def _row_chunks(self, n_rows):
-        """Row slices of the E-step (one empty slice for an empty shard)."""
-        return list(iter_row_chunks(n_rows, self._rows_per_chunk())) or [slice(0, 0)]
+    def _row_chunks(self, n_rows, device):
+        """Row slices of the E-step on ``device`` (one empty slice for an empty shard)."""
+        return list(iter_row_chunks(n_rows, self._rows_per_chunk(device))) or [slice(0, 0)]
 
     # -------------------------------------------------------- initialisation
     def _initialize(self, X, ctx):
@@ -250,7 +250,7 @@ class BaseEMMixture(BaseDeepMixture):
         """
         partition, generator, weights = ctx.partition, ctx.generator, ctx.sample_weight
         K, dtype, device = self.n_components, X.dtype, X.device
-        chunk = self._rows_per_chunk()
+        chunk = self._rows_per_chunk(device)
         if self.init_params == "kmeans":
             _, labels = kmeans(X, K, generator, chunk_size=chunk, partition=partition,
                                sample_weight=weights)
@@ -316,7 +316,7 @@ class BaseEMMixture(BaseDeepMixture):
             for chunk, resp, chunk_weights in rows_of(chunks):
                 a_pass.add(chunk, resp, chunk_weights)
 
-        chunks = self._row_chunks(X.shape[0])
+        chunks = self._row_chunks(X.shape[0], X.device)
         shares = thread_shares(chunks, X)
         if len(shares) > 1:  # one pass per thread, then their sums added in order
             passes = [em_pass] + [em_pass.replica() for _ in shares[1:]]

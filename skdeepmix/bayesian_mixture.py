@@ -234,7 +234,7 @@ default='dirichlet_process'
         source = RowSource(X, ctx.device, ctx.dtype) if self._streams(X) else X
 
         def batches():
-            for rows in self._row_chunks(X.shape[0]):
+            for rows in self._row_chunks(X.shape[0], X.device):
                 yield ctx.tensor(source[rows]), None if weights is None else weights[rows], None
 
         mean, covariance, total = G.weighted_data_moments(batches, self.covariance_type,

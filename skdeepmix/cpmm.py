@@ -494,7 +494,7 @@ class CPMMEstimator(BaseDeepMixture):
         standardised per feature, which would give nearly constant pixels
         the weight of the informative ones)."""
         C, partition = self.n_components, ctx.partition
-        chunk = chunk_rows(C + Z.shape[1], self.chunk_size)
+        chunk = chunk_rows(C + Z.shape[1], self.chunk_size, device=Z.device)
         _, labels = kmeans(Z, C, generator, chunk_size=chunk, partition=partition)
         counts, means, var = _cluster_moments(stats_on, labels, C, partition)
         log_var = torch.maximum(torch.log(var), self.module_.log_floor)
@@ -508,7 +508,8 @@ class CPMMEstimator(BaseDeepMixture):
         sub-centroids (``init_iter`` steps; see ``init_iter``)."""
         G = self.n_points_per_trajectory
         targets = _trajectory_targets(Z, labels, self.n_components, G, generator,
-                                      chunk_rows(G + Z.shape[1], self.chunk_size))
+                                      chunk_rows(G + Z.shape[1], self.chunk_size,
+                                                 device=Z.device))
         times = torch.linspace(0.0, 1.0, G, dtype=ctx.dtype, device=ctx.device)
         module = self.module_
 

@@ -429,8 +429,9 @@ class DCGMMEstimator(BaseDeepMixture):
         n_classes = len(self.classes_)
         sums = counts = 0.0
         with torch.no_grad():
-            for rows in range(0, X.shape[0], self._rows_per_chunk()):
-                rows = slice(rows, rows + self._rows_per_chunk())
+            chunk = self._rows_per_chunk(X.device)
+            for start in range(0, X.shape[0], chunk):
+                rows = slice(start, start + chunk)
                 s, c = net.class_component_proba(self._to_images(X[rows]), ctx.y[rows],
                                                  n_classes)
                 sums, counts = sums + s, counts + c
@@ -624,8 +625,9 @@ class DCGMMEstimator(BaseDeepMixture):
         filled = np.empty(Xv.shape, dtype=Xv.dtype)
         with self._threads(Xv.shape[0], device), torch.no_grad():
             self._prepare_inference(device)
-            for start in range(0, Xv.shape[0], self._rows_per_chunk()):
-                rows = slice(start, start + self._rows_per_chunk())
+            chunk = self._rows_per_chunk(device)
+            for start in range(0, Xv.shape[0], chunk):
+                rows = slice(start, start + chunk)
                 xb = self._to_images(to_tensor(Xv[rows], device, self._torch_dtype()))
                 known = self._to_images(torch.as_tensor(~mask_flat[rows], device=device))
                 outputs, _ = net.forward_all(xb, upto=top)

@@ -352,13 +352,14 @@ class DeepGMMEstimator(BaseDeepMixture):
         prefixes = sum(math.prod(sizes[: j + 1]) for j in range(len(sizes)))
         return math.prod(sizes) + d * prefixes + (d + 1) ** 2
 
-    def _train_chunk_rows(self):
-        """Rows per chunk of a training pass (the heuristic needs less than the
-        exact density)."""
+    def _train_chunk_rows(self, device):
+        """Rows per chunk of a training pass on ``device`` (the heuristic needs
+        less than the exact density)."""
         if self.algorithm == "hard_em" and self._path_search() == "heuristic":
             d = self.n_features_in_
-            return chunk_rows(3 * max(self._layer_sizes()) * d + (d + 1) ** 2, self.chunk_size)
-        return self._rows_per_chunk()
+            return chunk_rows(3 * max(self._layer_sizes()) * d + (d + 1) ** 2, self.chunk_size,
+                              device=device)
+        return self._rows_per_chunk(device)
 
     # -------------------------------------------------------- initialisation
     def _initialize(self, X, ctx):
@@ -366,7 +367,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         partition, generator = ctx.partition, ctx.generator
         layer = 0 if self.init_params == "kmeans_outer" else len(sizes) - 1
         K, d = sizes[layer], X.shape[1]
-        chunk = chunk_rows(K + d, self.chunk_size)
+        chunk = chunk_rows(K + d, self.chunk_size, device=X.device)
         if self.init_params == "random":
             index = torch.randperm(partition.n_total, generator=generator,
                                    device=generator.device)[:K]
@@ -418,7 +419,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         best = torch.empty(n, dtype=torch.long, device=X.device)
         counts = torch.zeros(module.n_paths, dtype=torch.float64, device=X.device)
         sums = torch.zeros(2, dtype=torch.float64, device=X.device)  # objective, switches
-        for rows in iter_row_chunks(n, self._train_chunk_rows()):
+        for rows in iter_row_chunks(n, self._train_chunk_rows(X.device)):
             if heuristic:
                 start = _restart_paths(module, seed, partition.offset + rows.start,
                                        partition.offset + rows.stop, X.device)
@@ -435,7 +436,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         centers = module.statistics_centers()
         stats = empty_statistics(module)
         d = X.shape[1]
-        for rows in iter_row_chunks(n, chunk_rows(4 * (d + 1), self.chunk_size)):
+        for rows in iter_row_chunks(n, chunk_rows(4 * (d + 1), self.chunk_size, device=X.device)):
             paths = module.unflatten_index(best[rows])
             accumulate_hard_statistics(module, X[rows], paths, centers, stats)
         partition.sum(*stats, counts, sums)
@@ -454,7 +455,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         stats = empty_statistics(module)
         resp_sum = torch.zeros(module.n_paths, dtype=torch.float64, device=X.device)
         total = torch.zeros(1, dtype=torch.float64, device=X.device)
-        for rows in iter_row_chunks(X.shape[0], self._train_chunk_rows()):
+        for rows in iter_row_chunks(X.shape[0], self._train_chunk_rows(X.device)):
             log_prob, rs = accumulate_soft_statistics(module, X[rows], centers, stats,
                                                       MEMORY_BUDGET)
             resp_sum += rs
