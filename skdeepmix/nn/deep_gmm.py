@@ -166,19 +166,28 @@ class DeepGMM(nn.Module):
     def set_path_weights_from_counts(self, counts):
         """Maximum-likelihood path weights from (soft or hard) path counts.
 
+        A path without samples gets the smallest positive weight of the dtype
+        rather than zero: its logit stays finite, so that gradient steps
+        (``partial_fit``) neither see an infinite parameter nor move it.
+
         Parameters
         ----------
         counts : Tensor of shape (n_paths,)
             Number of samples (or summed responsibilities) of every path.
         """
         table = counts.reshape(self.layer_sizes).to(self.inv_weight[0].dtype)
-        total = table.sum().clamp_min(torch.finfo(table.dtype).tiny)
+        tiny = torch.finfo(table.dtype).tiny
+        total = table.sum().clamp_min(tiny)
+
+        def log_share(sums):
+            return (sums / total).clamp_min(tiny).log()
+
         if self.path_weights == "full":
-            self.set_log_path_weights((table / total).log())
+            self.set_log_path_weights(log_share(table))
             return
         k = self.n_layers
         self.set_log_path_weights([
-            (table.sum(tuple(l for l in range(k) if l != j)) / total).log() for j in range(k)
+            log_share(table.sum(tuple(l for l in range(k) if l != j))) for j in range(k)
         ])
 
     @torch.no_grad()
