@@ -250,7 +250,8 @@ def test_pass_split_among_threads_equals_one_thread(monkeypatch, estimator, cova
     monkeypatch.setattr(_em, "run_in_threads", counted)
 
     def fit(threads):
-        model = getattr(skdeepmix, estimator)(n_components=K, covariance_type=covariance_type, chunk_size=400,
+        # threads split CPU work only: on the CPU whatever the machine has
+        model = getattr(skdeepmix, estimator)(n_components=K, covariance_type=covariance_type, chunk_size=400, device="cpu",
                                               random_state=0, max_iter=5, tol=0)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)

@@ -36,7 +36,7 @@ import sklearn
 import torch
 
 from skdeepmix._kmeans import kmeans
-from skdeepmix._torch_utils import make_generator
+from skdeepmix._torch_utils import make_generator, resolve_device
 
 TESTS_DIR = Path(sklearn.__file__).parent / "mixture" / "tests"
 #: file -> prefix of the exposed test names
@@ -55,7 +55,9 @@ REPLACED = {
             "precisions from KMeans(random_state=0) labels, assuming they are the "
             "labels of the estimator's own k-means initialisation (cluster order "
             "included). Ours initialises with skdeepmix._kmeans seeded by a "
-            "torch.Generator, so the reference uses that k-means (same seed rule)."
+            "torch.Generator, so the reference uses that k-means (same seed rule, "
+            "on the device the estimator's device='auto' picks: CUDA's random "
+            "streams differ from the CPU's)."
         ),
     },
 }
@@ -124,9 +126,11 @@ class _EstimatorKMeans:
         self.n_clusters, self.n_init, self.random_state = n_clusters, n_init, random_state
 
     def fit(self, X):
-        generator = make_generator(self.random_state, torch.device("cpu"))
-        _, labels = kmeans(torch.as_tensor(np.asarray(X)), self.n_clusters, generator)
-        self.labels_ = labels.numpy()
+        device = resolve_device("auto")
+        generator = make_generator(self.random_state, device)
+        _, labels = kmeans(torch.as_tensor(np.asarray(X), device=device), self.n_clusters,
+                           generator)
+        self.labels_ = labels.cpu().numpy()
         return self
 
 
