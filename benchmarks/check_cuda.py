@@ -135,12 +135,18 @@ def _timed_fit(make, X, n_iter, device):
 
 
 def marginal(make, X, n1, n2, device):
-    """Seconds per marginal iteration and the lower bound of the longer fit."""
+    """Seconds per marginal iteration, ``(lower bound, iterations)`` of the
+    longer fit, and for ours its precision work: components recomputed
+    exactly per iteration and exactly centred passes (from ``history_``)."""
     if device != "cpu":  # a first fit pays for kernel loading and allocator growth
         _timed_fit(make, X, 1, device)
     t1, _ = _timed_fit(make, X, n1, device)
     t2, model = _timed_fit(make, X, n2, device)
-    return (t2 - t1) / (n2 - n1), (float(model.lower_bound_), n2)
+    history = getattr(model, "history_", None)
+    exact = "" if not history else (
+        f"{np.mean([h['exact_components'] for h in history]):.2f} / "
+        f"{sum(h['exact_pass'] for h in history):g}")
+    return (t2 - t1) / (n2 - n1), (float(model.lower_bound_), n2), exact
 
 
 def em_workloads(tiny):
@@ -150,7 +156,9 @@ def em_workloads(tiny):
             ("100k x 32, K=16", 100_000, 32, 16, "full")]
 
 
-def time_em(device, tiny):
+def time_em(device, tiny, report=lambda rows: None):
+    """Rows ``(data, covariance, estimator, implementation, s/iteration,
+    (lower bound, iterations), exact work)``; ``report(rows)`` after each."""
     import sklearn
     import torch
     from sklearn.datasets import make_blobs
@@ -162,6 +170,11 @@ def time_em(device, tiny):
     n1, n2 = (2, 4) if tiny else (4, 20)
     sk_n1, sk_n2 = (1, 2) if tiny else (1, 3)  # scikit-learn on the CPU is slow at 1M rows
     rows = []
+
+    def add(label, cov, estimator, impl, measured):
+        rows.append((label, cov, estimator, impl, *measured))
+        report(rows)
+
     for label, n, d, k, cov in em_workloads(tiny):
         X, _ = make_blobs(n, d, centers=k, random_state=0)
         rng = np.random.RandomState(0)
@@ -175,30 +188,29 @@ def time_em(device, tiny):
                 return sdm.GaussianMixture(k, covariance_type=cov, max_iter=it, tol=0,
                                            device=device, **init)
 
-            sec, lb = marginal(ours, Xd, n1, n2, device)
-            rows.append((label, cov, "GaussianMixture", f"skdeepmix {device} {dtype}", sec, lb))
+            add(label, cov, "GaussianMixture", f"skdeepmix {device} {dtype}",
+                marginal(ours, Xd, n1, n2, device))
 
             def ours_bgm(it, dtype=dtype):
                 return sdm.BayesianGaussianMixture(
                     n_components=k, covariance_type=cov, max_iter=it, tol=0, device=device,
                     init_params="random_from_data", random_state=0)
 
-            sec, lb = marginal(ours_bgm, Xd, n1, n2, device)
-            rows.append((label, cov, "BayesianGaussianMixture", f"skdeepmix {device} {dtype}",
-                         sec, lb))
+            add(label, cov, "BayesianGaussianMixture", f"skdeepmix {device} {dtype}",
+                marginal(ours_bgm, Xd, n1, n2, device))
 
         def sk(it):
             return SkGM(k, covariance_type=cov, max_iter=it, tol=0, **init)
 
-        sec, lb = marginal(sk, X, sk_n1, sk_n2, "cpu")
-        rows.append((label, cov, "GaussianMixture", "scikit-learn cpu float64", sec, lb))
+        add(label, cov, "GaussianMixture", "scikit-learn cpu float64",
+            marginal(sk, X, sk_n1, sk_n2, "cpu"))
 
         def sk_bgm(it):
             return SkBGM(n_components=k, covariance_type=cov, max_iter=it, tol=0,
                          init_params="random_from_data", random_state=0)
 
-        sec, lb = marginal(sk_bgm, X, sk_n1, sk_n2, "cpu")
-        rows.append((label, cov, "BayesianGaussianMixture", "scikit-learn cpu float64", sec, lb))
+        add(label, cov, "BayesianGaussianMixture", "scikit-learn cpu float64",
+            marginal(sk_bgm, X, sk_n1, sk_n2, "cpu"))
 
         Xt = torch.as_tensor(X, dtype=torch.float32, device=device)
         tinit = {key: torch.as_tensor(value, dtype=torch.float32, device=device)
@@ -212,12 +224,12 @@ def time_em(device, tiny):
         impl = f"scikit-learn array API torch {device} float32"
         try:
             with sklearn.config_context(array_api_dispatch=True):
-                sec, lb = marginal(sk_api, Xt, n1, n2, device)
+                measured = marginal(sk_api, Xt, n1, n2, device)
         except Exception as exc:  # report, do not hide
-            sec, lb = float("nan"), (float("nan"), n2)
+            measured = float("nan"), (float("nan"), n2), ""
             impl += f" (FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
             print(f"scikit-learn array API failed: {type(exc).__name__}: {exc}")
-        rows.append((label, cov, "GaussianMixture", impl, sec, lb))
+        add(label, cov, "GaussianMixture", impl, measured)
     return rows
 
 
@@ -245,7 +257,38 @@ def count_syncs(device):
     return (counts[6] - counts[2]) / 4.0
 
 
-def write(path, device, estimator_rows, em_rows, syncs, tiny):
+def profile_pass(device, tiny):
+    """Where the time of ours goes on the first EM workload (float32, same
+    initial parameters): torch.profiler's operators by time on the device."""
+    import torch
+    from sklearn.datasets import make_blobs
+    from torch.profiler import ProfilerActivity, profile
+
+    import skdeepmix as sdm
+
+    label, n, d, k, cov = em_workloads(tiny)[0]
+    X, _ = make_blobs(n, d, centers=k, random_state=0)
+    means = X[np.random.RandomState(0).choice(n, k, replace=False)]
+    model = sdm.GaussianMixture(k, covariance_type=cov, max_iter=5, tol=0, device=device,
+                                weights_init=np.full(k, 1.0 / k), means_init=means,
+                                precisions_init=np.ones((k, d)) if cov == "diag"
+                                else np.stack([np.eye(d)] * k))
+    X = X.astype(np.float32)
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(X)  # warm-up
+        with profile(activities=activities) as prof:
+            model.fit(X)
+            _synchronize(device)
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=50)
+    return [f"## Where the time goes: {label}, {cov}, float32, 5 iterations "
+            f"(torch.profiler, sorted by {sort_by})", "", "```", table.strip(), "```"]
+
+
+def write(path, device, estimator_rows, em_rows, syncs, tiny, profile_lines=()):
     import sklearn
     import torch
 
@@ -272,20 +315,24 @@ def write(path, device, estimator_rows, em_rows, syncs, tiny):
         "CPU runs fewer at the large sizes, so its bound is not comparable there). "
         "GaussianMixture rows start from the same parameters; BayesianGaussianMixture rows "
         "from each library's own `random_from_data` rows. In `--tiny` runs the marginal "
-        "times are below the clock's noise (negative values happen).",
+        "times are below the clock's noise (negative values happen). 'exact work' (ours): "
+        "components recomputed exactly per iteration (float32 precision) / exactly "
+        "centred passes in the fit.",
         "",
         "| data | covariance | estimator | implementation | s / iteration | ratio to scikit-learn "
-        "CPU | lower bound | after iterations |",
-        "|---|---|---|---|---|---|---|---|",
+        "CPU | lower bound | after iterations | exact work |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r[0], r[2]): r[4] for r in em_rows if r[3].startswith("scikit-learn cpu")}
-    for label, cov, est, impl, sec, (lb, n_iter) in em_rows:
+    for label, cov, est, impl, sec, (lb, n_iter), exact in em_rows:
         ratio = base.get((label, est), float("nan")) / sec if sec == sec and sec > 0 else float("nan")
         lines.append(f"| {label} | {cov} | {est} | {impl} | {sec:.4g} | {ratio:.3g} | {lb:.6g} "
-                     f"| {n_iter} |")
+                     f"| {n_iter} | {exact} |")
     if syncs is not None:
         lines += ["", f"Host<->device synchronisations per EM iteration: {syncs:g} "
                   "(counted with `torch.cuda.set_sync_debug_mode('warn')`)."]
+    if profile_lines:
+        lines += ["", *profile_lines]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -307,10 +354,19 @@ def main(argv=None):
             raise SystemExit("No CUDA device: run with --device cpu.")
     out = args.out or RESULTS / f"check_cuda{'_' + args.device if args.device != 'cuda' else ''}" \
         f"{'_tiny' if args.tiny else ''}.md"
-    estimator_rows = check_estimators(args.device, args.tiny)
-    em_rows = time_em(args.device, args.tiny)
-    syncs = count_syncs(args.device)
-    write(out, args.device, estimator_rows, em_rows, syncs, args.tiny)
+    start = time.perf_counter()
+    done = {"estimator_rows": [], "em_rows": [], "syncs": None}
+
+    def report(**parts):  # the file is rewritten after every step: a run cut short keeps it
+        done.update(parts)
+        write(out, args.device, done["estimator_rows"], done["em_rows"], done["syncs"],
+              args.tiny, done.get("profile_lines", ()))
+        print(f"[{time.perf_counter() - start:6.1f} s] {', '.join(parts)} written", flush=True)
+
+    report(estimator_rows=check_estimators(args.device, args.tiny))
+    report(profile_lines=profile_pass(args.device, args.tiny))
+    report(syncs=count_syncs(args.device))
+    time_em(args.device, args.tiny, report=lambda rows: report(em_rows=rows))
     print(out.read_text())
     return out
 
