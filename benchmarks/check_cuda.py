@@ -260,7 +260,6 @@ def count_syncs(device):
 def profile_pass(device, tiny):
     """Where the time of ours goes on the first EM workload (float32, same
     initial parameters): torch.profiler's operators by time on the device."""
-    import torch
     from sklearn.datasets import make_blobs
     from torch.profiler import ProfilerActivity, profile
 
