@@ -112,3 +112,21 @@ def test_train_epoch_host_reads_do_not_grow_with_the_batches(weighted):
                         sample_weight=weights, max_grad_norm=1.0)
         counts[batch_size] = reads.count
     assert counts[40] == counts[10], counts
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("Estimator", [GaussianMixture, BayesianGaussianMixture])
+def test_prediction_host_reads_do_not_grow_with_the_chunks(Estimator, covariance_type):
+    X, _ = make_blobs(2000, 4, centers=3, random_state=0)
+    X = X.astype(np.float32)
+    counts = {}
+    for chunk_size in (200, 50):  # 10 and 40 chunks per call
+        model = Estimator(n_components=3, covariance_type=covariance_type, max_iter=3,
+                          tol=0.0, random_state=0, chunk_size=chunk_size, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(X)
+        with HostReads() as reads:
+            model.score_samples(X), model.predict_proba(X), model.predict(X)
+        counts[chunk_size] = reads.count
+    assert counts[200] == counts[50], counts
