@@ -32,6 +32,15 @@ from .nn.flows import CNF
 __all__ = ["CPMMEstimator"]
 
 
+def auto_rank(n_features):
+    """The factor rank of ``rank='auto'``: ``round(sqrt(n_features))``, at least 1.
+
+    A component's covariance gets more directions when the data has more
+    features, though fewer than the features themselves.
+    """
+    return max(1, min(n_features, round(math.sqrt(n_features))))
+
+
 @fill_doc(
     tol=1e-3,
     max_iter=200,
@@ -81,8 +90,10 @@ class CPMMEstimator(BaseDeepMixture):
     n_points_per_trajectory : int, default=25
         ``G``, pseudotimes (components) per trajectory during training and at
         extraction (paper: 25).
-    rank : int, default=8
-        ``R``, rank of the factor loadings.
+    rank : int or 'auto', default='auto'
+        ``R``, rank of the factor loadings (at most ``n_features``). ``'auto'``:
+        ``round(sqrt(n_features))``, so 8 for ``load_digits`` and 28 for MNIST
+        (chosen on validation splits: ``benchmarks/results/defaults_cpmm.md``).
     augment_factor : float, default=2.0
         Size of the augmented state ``alpha`` relative to the unaugmented
         state (paper: 2-4; for images: extra channels per state channel).
@@ -193,7 +204,9 @@ class CPMMEstimator(BaseDeepMixture):
         ``eta_c pi_c(t_j)`` (sums to one).
     cluster_weights_ : ndarray of shape (n_components,)
     means_ : ndarray of shape (n_components, n_points_per_trajectory, n_features)
-    factor_loadings_ : ndarray of shape (n_components, n_points_per_trajectory, n_features, rank)
+    factor_loadings_ : ndarray of shape (n_components, n_points_per_trajectory, n_features, rank_)
+    rank_ : int
+        The rank used (``rank``, or the one ``'auto'`` chose).
     noise_variance_ : ndarray of shape (n_components, n_points_per_trajectory, n_features)
     pseudotimes_ : ndarray of shape (n_points_per_trajectory,)
     shift_ : ndarray of shape (n_features,)
@@ -244,7 +257,7 @@ class CPMMEstimator(BaseDeepMixture):
         **BaseDeepMixture._parameter_constraints,
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "n_points_per_trajectory": [Interval(Integral, 1, None, closed="left")],
-        "rank": [Interval(Integral, 1, None, closed="left")],
+        "rank": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "augment_factor": [Interval(Real, 0, None, closed="left")],
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "ode_depth": [Interval(Integral, 2, None, closed="left")],
@@ -289,7 +302,7 @@ class CPMMEstimator(BaseDeepMixture):
         self,
         n_components=10,
         n_points_per_trajectory=25,
-        rank=8,
+        rank="auto",
         *,
         augment_factor=2.0, hidden_size=32, ode_depth=3, activation="sin", image_shape=None,
         shared_ode=True, learn_component_weights=False, min_variance=1e-4,
@@ -368,8 +381,13 @@ class CPMMEstimator(BaseDeepMixture):
                 f"n_samples={ctx.partition.n_total} should be >= "
                 f"n_components={self.n_components}."
             )
-        if self.rank > X.shape[1]:
-            raise ValueError(f"rank={self.rank} should be <= n_features={X.shape[1]}.")
+        n_features = X.shape[1]
+        if self.rank == "auto":
+            self.rank_ = auto_rank(n_features)
+        elif self.rank > n_features:
+            raise ValueError(f"rank={self.rank} should be <= n_features={n_features}.")
+        else:
+            self.rank_ = self.rank
 
     # ------------------------------------------------------------ data
     def _preprocess(self, X):
@@ -406,7 +424,7 @@ class CPMMEstimator(BaseDeepMixture):
     def _build_net(self, n_features, ctx, generator):
         return build_module(
             lambda: CPMMNet(
-                n_features, self.n_components, self.rank,
+                n_features, self.n_components, self.rank_,
                 augment_factor=self.augment_factor, hidden=self.hidden_size,
                 depth=self.ode_depth, activation=self.activation,
                 image_shape=self.image_shape_, shared_ode=self.shared_ode,
@@ -635,7 +653,7 @@ class CPMMEstimator(BaseDeepMixture):
 
     def _work_per_row(self):
         K = self.n_components * self.n_points_per_trajectory
-        return K * (self.rank + 4) + 4 * self.n_features_in_
+        return K * (self.rank_ + 4) + 4 * self.n_features_in_
 
     def _sample(self, n_samples, generator):
         c = self._components
@@ -653,7 +671,7 @@ class CPMMEstimator(BaseDeepMixture):
 
     def _n_parameters(self):
         C, G = self.n_components, self.n_points_per_trajectory
-        D, R = self.n_features_in_, self.rank
+        D, R = self.n_features_in_, self.rank_
         n = C * G * D * (R + 2) + (C - 1)
         if self.learn_component_weights:
             n += C * (G - 1)

@@ -323,6 +323,22 @@ def test_bad_parameters(params, X, match):
         _small(**params).fit(X)
 
 
+@pytest.mark.parametrize("n_features, rank", [(1, 1), (3, 2), (5, 2), (64, 8), (784, 28)])
+def test_auto_rank(n_features, rank):
+    from skdeepmix.cpmm import auto_rank
+
+    assert auto_rank(n_features) == rank
+
+
+def test_default_rank_fits_few_features():
+    # the fixed default rank=8 refused data with fewer than 8 features
+    X = np.random.RandomState(0).rand(40, 3)
+    est = _small(rank="auto").fit(X)
+    assert est.rank_ == 2 and est.factor_loadings_.shape[-1] == 2
+    assert np.isfinite(est.score(X))
+    assert _small(rank=3).fit(X).rank_ == 3
+
+
 def test_not_fitted():
     from sklearn.exceptions import NotFittedError
 
