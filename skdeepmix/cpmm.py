@@ -204,7 +204,8 @@ class CPMMEstimator(BaseDeepMixture):
         ``eta_c pi_c(t_j)`` (sums to one).
     cluster_weights_ : ndarray of shape (n_components,)
     means_ : ndarray of shape (n_components, n_points_per_trajectory, n_features)
-    factor_loadings_ : ndarray of shape (n_components, n_points_per_trajectory, n_features, rank_)
+    factor_loadings_ : ndarray of shape (n_components, n_points_per_trajectory, n_features, R)
+        ``R`` is ``rank_``.
     rank_ : int
         The rank used (``rank``, or the one ``'auto'`` chose).
     noise_variance_ : ndarray of shape (n_components, n_points_per_trajectory, n_features)
