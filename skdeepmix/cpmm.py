@@ -93,7 +93,7 @@ class CPMMEstimator(BaseDeepMixture):
     rank : int or 'auto', default='auto'
         ``R``, rank of the factor loadings (at most ``n_features``). ``'auto'``:
         ``round(sqrt(n_features))``, so 8 for ``load_digits`` and 28 for MNIST
-        (chosen on validation splits: ``benchmarks/results/defaults_cpmm.md``).
+        (chosen on validation splits: ``benchmarks/results/defaults_cpmm_rank.md``).
     augment_factor : float, default=2.0
         Size of the augmented state ``alpha`` relative to the unaugmented
         state (paper: 2-4; for images: extra channels per state channel).

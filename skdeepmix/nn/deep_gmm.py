@@ -168,7 +168,7 @@ class DeepGMM(nn.Module):
 
         A path without samples gets the smallest positive weight of the dtype
         rather than zero: its logit stays finite, so that gradient steps
-        (``partial_fit``) neither see an infinite parameter nor move it.
+        (``partial_fit``) never meet an infinite parameter.
 
         Parameters
         ----------
