@@ -60,6 +60,12 @@ __all__ = [
 
 
 
+#: The logit of a path without samples: finite (a parameter must be), and so low
+#: that its weight is exactly zero, in float32 too, also summed over the layers
+#: of factorized weights.
+EMPTY_LOGIT = -1e30
+
+
 def _flat_strides(sizes):
     strides, acc = [], 1
     for size in reversed(sizes):
@@ -166,9 +172,10 @@ class DeepGMM(nn.Module):
     def set_path_weights_from_counts(self, counts):
         """Maximum-likelihood path weights from (soft or hard) path counts.
 
-        A path without samples gets the smallest positive weight of the dtype
-        rather than zero: its logit stays finite, so that gradient steps
-        (``partial_fit``) never meet an infinite parameter.
+        A path without samples keeps the weight zero, with the finite logit
+        :data:`EMPTY_LOGIT` rather than ``-inf``: gradient steps
+        (``partial_fit``) then meet no infinite parameter and leave it in place
+        (its gradient is zero), and hard EM never gives it a sample again.
 
         Parameters
         ----------
@@ -176,11 +183,10 @@ class DeepGMM(nn.Module):
             Number of samples (or summed responsibilities) of every path.
         """
         table = counts.reshape(self.layer_sizes).to(self.inv_weight[0].dtype)
-        tiny = torch.finfo(table.dtype).tiny
-        total = table.sum().clamp_min(tiny)
+        total = table.sum().clamp_min(torch.finfo(table.dtype).tiny)
 
         def log_share(sums):
-            return (sums / total).clamp_min(tiny).log()
+            return (sums / total).log().clamp_min(EMPTY_LOGIT)
 
         if self.path_weights == "full":
             self.set_log_path_weights(log_share(table))
