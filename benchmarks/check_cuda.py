@@ -156,12 +156,23 @@ def em_workloads(tiny):
             ("100k x 32, K=16", 100_000, 32, 16, "full")]
 
 
+def workload_data(n, d, k, cov):
+    """``make_blobs`` rows (float64) and the initial parameters every library
+    starts from: uniform weights, ``k`` distinct rows as means, identity precisions."""
+    from sklearn.datasets import make_blobs
+
+    X, _ = make_blobs(n, d, centers=k, random_state=0)
+    means = X[np.random.RandomState(0).choice(n, k, replace=False)]
+    precisions = np.ones((k, d)) if cov == "diag" else np.stack([np.eye(d)] * k)
+    return X, dict(weights_init=np.full(k, 1.0 / k), means_init=means,
+                   precisions_init=precisions)
+
+
 def time_em(device, tiny, report=lambda rows: None):
     """Rows ``(data, covariance, estimator, implementation, s/iteration,
     (lower bound, iterations), exact work)``; ``report(rows)`` after each."""
     import sklearn
     import torch
-    from sklearn.datasets import make_blobs
     from sklearn.mixture import BayesianGaussianMixture as SkBGM
     from sklearn.mixture import GaussianMixture as SkGM
 
@@ -176,11 +187,7 @@ def time_em(device, tiny, report=lambda rows: None):
         report(rows)
 
     for label, n, d, k, cov in em_workloads(tiny):
-        X, _ = make_blobs(n, d, centers=k, random_state=0)
-        rng = np.random.RandomState(0)
-        means = X[rng.choice(n, k, replace=False)]
-        precisions = np.ones((k, d)) if cov == "diag" else np.stack([np.eye(d)] * k)
-        init = dict(weights_init=np.full(k, 1.0 / k), means_init=means, precisions_init=precisions)
+        X, init = workload_data(n, d, k, cov)
         for dtype in ("float32", "float64"):
             Xd = X.astype(dtype)
 
@@ -260,18 +267,14 @@ def count_syncs(device):
 def profile_pass(device, tiny):
     """Where the time of ours goes on the first EM workload (float32, same
     initial parameters): torch.profiler's operators by time on the device."""
-    from sklearn.datasets import make_blobs
     from torch.profiler import ProfilerActivity, profile
 
     import skdeepmix as sdm
 
     label, n, d, k, cov = em_workloads(tiny)[0]
-    X, _ = make_blobs(n, d, centers=k, random_state=0)
-    means = X[np.random.RandomState(0).choice(n, k, replace=False)]
+    X, init = workload_data(n, d, k, cov)
     model = sdm.GaussianMixture(k, covariance_type=cov, max_iter=5, tol=0, device=device,
-                                weights_init=np.full(k, 1.0 / k), means_init=means,
-                                precisions_init=np.ones((k, d)) if cov == "diag"
-                                else np.stack([np.eye(d)] * k))
+                                **init)
     X = X.astype(np.float32)
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
