@@ -26,8 +26,30 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 
 import torch
+
+
+def _import_torch_functional_collectives():
+    """Import :mod:`torch.distributed.nn.functional` now, with skdeepmix.
+
+    That torch module binds the default process group *as it is at import
+    time* as the default argument of its functions, and ``torch._dynamo``
+    imports it the first time an optimizer is built. Imported after
+    ``init_process_group`` (at the first fit of a gradient-trained
+    estimator), it keeps the group alive after ``destroy_process_group()``:
+    gloo's worker threads then outlive it, and one releasing a tensor while
+    Python shuts down aborts the process ("terminate called without an
+    active exception", SIGABRT at exit). Imported here, before a script
+    initialises the group (``import skdeepmix`` at the top), it binds
+    ``None`` and ``destroy_process_group()`` frees the group. About 2 ms.
+    """
+    if torch.distributed.is_available():
+        importlib.import_module("torch.distributed.nn.functional")
+
+
+_import_torch_functional_collectives()
 
 __all__ = [
     "is_distributed",

@@ -18,6 +18,20 @@ import torch
 WORLD_SIZE = 2
 
 
+def _gloo_threads():
+    """Names of this process's gloo threads (Linux; ``[]`` elsewhere)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(name for name in names if "gloo" in name)
+
+
 def _entry(rank, fn, world_size, out_dir):
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
@@ -27,7 +41,10 @@ def _entry(rank, fn, world_size, out_dir):
         result = fn(rank)
     finally:
         torch.distributed.destroy_process_group()
-    (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    # a group kept alive past destroy_process_group() leaves gloo's threads
+    # running into interpreter shutdown, where they can abort the process
+    leftover = _gloo_threads()
+    (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps((result, leftover)))
 
 
 def run_on_ranks(fn, world_size=WORLD_SIZE, timeout=600):
@@ -35,7 +52,10 @@ def run_on_ranks(fn, world_size=WORLD_SIZE, timeout=600):
 
     ``fn`` must be a module-level function (it is pickled by reference) that
     takes the rank. Skips the test where gloo is unavailable; fails it, instead
-    of hanging, when the processes do not finish within ``timeout`` seconds.
+    of hanging, when the processes do not finish within ``timeout`` seconds,
+    and when a process's gloo threads still run after
+    ``destroy_process_group()`` (the group was kept alive; see
+    ``skdeepmix._distributed._import_torch_functional_collectives``).
     """
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
@@ -49,5 +69,9 @@ def run_on_ranks(fn, world_size=WORLD_SIZE, timeout=600):
                 for process in context.processes:
                     process.kill()
                 pytest.fail(f"the distributed workers did not finish within {timeout} s")
-        return [pickle.loads((Path(out_dir) / f"rank{rank}.pkl").read_bytes())
-                for rank in range(world_size)]
+        ranks = [pickle.loads((Path(out_dir) / f"rank{rank}.pkl").read_bytes())
+                 for rank in range(world_size)]
+    for rank, (_, leftover) in enumerate(ranks):
+        assert not leftover, (
+            f"rank {rank}: gloo threads {leftover} still ran after destroy_process_group()")
+    return [result for result, _ in ranks]
