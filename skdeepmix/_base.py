@@ -663,6 +663,8 @@ class BaseDeepMixture(_CallbackSupportMixin, DensityMixin, BaseEstimator, metacl
             X, y, sample_weight = np.zeros((0, 0)), None, None
         partition = _distributed.RowPartition(X.shape[0], X.shape[1], error)
         continuing = self.warm_start and hasattr(self, "converged_")
+        if continuing:
+            self._check_warm_start()
         if not continuing or getattr(self, "_dtype", None) is None:
             self._dtype = self._fit_dtype(X)
         device = self._fit_device()
@@ -671,6 +673,10 @@ class BaseDeepMixture(_CallbackSupportMixin, DensityMixin, BaseEstimator, metacl
         ):
             ctx = self._make_context(X, y, sample_weight, partition, device)
             return self._fit_validated(X, ctx, continuing, y_given, sample_weight)
+
+    def _check_warm_start(self):
+        """Raise ``ValueError`` when the fitted state cannot be continued
+        (hook; every state can be by default)."""
 
     def _validate_everywhere(self, validate):
         """Run ``validate()``; under torch.distributed, fail on every process

@@ -635,6 +635,14 @@ class CPMMEstimator(BaseDeepMixture):
         if not self.keep_teacher:
             self.__dict__.pop("teacher_", None)
 
+    def _check_warm_start(self):
+        if not hasattr(self, "module_"):
+            raise ValueError(
+                "warm_start=True continues the trained ODE, which this model did not "
+                "keep: it was fitted with warm_start=False and keep_ode=False. Fit it "
+                "with warm_start=True (or keep_ode=True) first, or set warm_start=False "
+                "to fit from scratch.")
+
     def _prepare_inference(self, device):
         dtype = self._torch_dtype()
         self._components = {k: v.to(device=device, dtype=dtype)

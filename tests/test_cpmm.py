@@ -301,6 +301,18 @@ def test_warm_start_continues(rings):
     assert est.n_iter_ == 2 and est.history_ != first
 
 
+def test_warm_start_after_a_fit_that_dropped_the_ode_says_so(rings):
+    X, _ = rings
+    est = _small(max_iter=2, tol=0).fit(X)  # warm_start=False: module_ is dropped
+    means = est.means_.copy()
+    with pytest.raises(ValueError, match="keep_ode"):
+        est.set_params(warm_start=True).fit(X)
+    np.testing.assert_array_equal(est.means_, means)  # the fitted model is untouched
+    est.set_params(warm_start=False, keep_ode=True).fit(X)
+    est.set_params(warm_start=True).fit(X)  # a kept ODE can be continued
+    assert np.isfinite(est.score(X))
+
+
 @pytest.mark.parametrize(
     "params, X, match",
     [
