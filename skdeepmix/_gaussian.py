@@ -634,7 +634,11 @@ class MixturePass:
     moments centred on ``mu_k`` ('full', 'diag', 'spherical'). The others'
     second moments are centred on ``center``; :meth:`finalize` measures what
     that lost and, for the components that lost more than half the digits,
-    redoes them exactly centred on the new means (a second pass).
+    redoes them exactly centred on the new means (a second pass). On the CPU,
+    'diag' and 'spherical' components computed from differences are computed
+    only on the rows they can reach, within the floor of a row's largest
+    log-density (:meth:`_competitive_exact_log_prob`): such components are
+    tight, so these are few rows.
 
     Parameters
     ----------
@@ -668,6 +672,7 @@ class MixturePass:
         self.entropy = entropy
         self.center, self.means, self.precisions_cholesky = center, means, precisions_cholesky
         self.log_offsets = log_offsets
+        self._rows_only = False
         self.exact_components = [] if means is None else _imprecise_components(
             means - center, precisions_cholesky, covariance_type)
         self._exact = torch.tensor(self.exact_components, dtype=torch.long,
@@ -689,6 +694,7 @@ class MixturePass:
             d_log = -0.5 * d * LOG_2PI + log_det_cholesky(precisions_cholesky, covariance_type, d)
             self._constants = d_log + log_offsets  # log p(x, k) at x = mu_k
             self._coefficients = self._log_prob_coefficients()
+            self._rows_only = self._competitive_rows_setup()
 
     def _empty_sums(self, n_components):
         """Start the sums (and the scratch buffers) from zero."""
@@ -812,17 +818,87 @@ class MixturePass:
             room -= terms.numel() if keep else 0
             self._kept.append(terms if keep else None)
 
+    def _competitive_rows_setup(self):
+        """Whether the exact components are computed only on the rows where
+        they can matter (:meth:`_competitive_exact_log_prob`): on the CPU, for
+        'diag' and 'spherical' (elsewhere on every row, with no data-dependent
+        shapes and no host reads)."""
+        if (not self.exact_components or self.covariance_type not in ("diag", "spherical")
+                or self.center.device.type != "cpu"):
+            return False
+        exact, d = self._exact, self.center.shape[0]
+        precision = self.precisions_cholesky[exact].square()
+        if self.covariance_type == "spherical":
+            precision = precision[:, None]
+        a = (self.means - self.center)[exact]
+        # The expanded log-density e_k of a row is a dot product of 2d + 1
+        # rounded features and coefficients: it rounds to at most
+        # t = 4 (2d + 8) eps S, S = sum p² z² + sum p² a² + |c_k| the size of
+        # its terms. With sum p² z² <= 2 sum p² (z - a)² + 2 sum p² a² and
+        # sum p² (z - a)² = 2 (c_k - e_k) up to t: S <= 4 |c_k - e_k| + 4 t
+        # + 3 sum p² a² + |c_k|, so t <= s (4 |c_k - e_k| + B_k) with
+        # s = 4 (2d + 8) eps / (1 - 16 (2d + 8) eps).
+        unit = 4.0 * (2 * d + 8) * torch.finfo(a.dtype).eps
+        self._bound_scale = unit / (1.0 - 4.0 * unit)
+        self._bound_constants = (3.0 * (a.square() * precision).sum(1)
+                                 + self._constants[exact].abs())
+        return True
+
+    def _competitive_exact_log_prob(self, features, log_prob, floor):
+        """The exact components' log-densities on the rows where they can
+        come within ``floor`` of the row's largest; elsewhere the expanded ones.
+
+        A row whose expanded log-density of component ``k`` plus the bound of
+        its rounding (:meth:`_competitive_rows_setup`) stays below the row's
+        largest log-density (less the bound, which an exact component's
+        expanded value may exceed its true one by) plus the floor gets the
+        floor with either value. Its exact value is not needed; nor are its second
+        moments, weighted by the floor's responsibility (``2**-126`` relative
+        in float32). Such a component (tight, far from the center) reaches
+        few rows: only those are gathered and computed from differences.
+
+        Parameters
+        ----------
+        features : Tensor of shape (n, n_feature_columns)
+        log_prob : Tensor of shape (n_components, n)
+            The expanded log-densities; the exact components' rows are set.
+        floor : float
+            The floor of :meth:`_responsibilities` (relative to a row's peak).
+        """
+        exact = self._exact
+        expanded = log_prob[exact]
+        distance = (self._constants[exact, None] - expanded).abs_().mul_(4.0)
+        bound = distance.add_(self._bound_constants[:, None]).mul_(self._bound_scale)
+        # the largest log-density of each row, less what an exact component's
+        # expanded value may exceed its true one by
+        reference = log_prob.amax(0).sub_(bound.amax(0))
+        competitive = expanded.add_(bound) >= reference.add_(floor - 1.0)
+        z_all = features[:, self._ones_column + 1:]
+        P = self.precisions_cholesky
+        self._kept = []
+        for position, k in enumerate(self.exact_components):
+            rows = torch.nonzero(competitive[position]).flatten()
+            if rows.numel() == 0:  # on the CPU: no host synchronisation
+                continue
+            squares = ((z_all[rows] - (self.means[k] - self.center)) * P[k]).square_()
+            log_prob[k, rows] = self._constants[k] - 0.5 * squares.sum(1)
+            self._kept.append((position, rows, squares))
+
     # ------------------------------------------------------------- E-step
     def _responsibilities(self, features, entropy=False):
         """``(resp, log p(x), sum_k r_k log r_k or None)`` of the rows of
         ``features``; resp of shape (n_components, n)."""
         d = self.center.shape[0]
+        n_components = self._constants.shape[0]
+        floor = math.log(torch.finfo(features.dtype).tiny) + math.log(n_components) + 1.0
         if self.covariance_type == "tied":
             log_prob = self._coefficients @ features[:, :d + 1].T
         else:
             log_prob = self._coefficients @ features.T
-        self._exact_log_prob(features, log_prob)
-        floor = math.log(torch.finfo(log_prob.dtype).tiny) + math.log(log_prob.shape[0]) + 1.0
+        if self._rows_only:
+            self._competitive_exact_log_prob(features, log_prob, floor)
+        else:
+            self._exact_log_prob(features, log_prob)
         peak = log_prob.amax(0)
         shifted = log_prob.sub_(peak).clamp_(min=floor)
         # exp(x) as exp2(x log2 e): 2-3 times faster on CPUs, even with the product
@@ -858,7 +934,7 @@ class MixturePass:
         """
         stats, wide = self.stats, self.stats.weight_sum.dtype
         features = self._features(X)
-        kept = [None] * len(self._groups)
+        kept = None  # what the E-step kept of the exact components (given resp: nothing)
         if resp is None:
             resp, log_prob_norm, entropy = self._responsibilities(features, self.entropy)
             kept, self._kept = self._kept, None
@@ -879,7 +955,13 @@ class MixturePass:
             z = features[:, self._ones_column + 1:]
             weighted = z if sample_weight is None else z * sample_weight[:, None]
             stats.second.addmm_(weighted.T, z)
+        elif self._rows_only and kept is not None:
+            # the exact components' rows that can matter (squares, whitened)
+            for position, rows, squares in kept:
+                self._exact_second[position] += resp[self.exact_components[position], rows] @ squares
         else:  # second moments of the exact components around their means, whitened
+            if kept is None or self._rows_only:
+                kept = [None] * len(self._groups)
             for (positions, group), terms in zip(self._groups, kept):
                 if terms is None:
                     terms = self._exact_terms(features, group)

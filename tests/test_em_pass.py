@@ -142,6 +142,41 @@ def test_tight_components_far_from_the_center_are_computed_exactly(covariance_ty
     _assert_matches(result, reference, 1e-10 if dtype == torch.float64 else 5e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_exact_components_on_the_rows_they_can_reach_equal_every_row(
+        monkeypatch, covariance_type, dtype):
+    # on the CPU a tight, far component is computed from differences only on
+    # the rows where its log-density can come within the floor of the row's
+    # largest: the same pass as computing it on every row
+    spread, shift = (1e-2, 0.0) if dtype == torch.float32 else (1e-4, 1e4)
+    X, means, weights, sample_weight = _data(shift=shift, spread=spread, error=spread / 10)
+    covariances = _covariances(covariance_type, 1.0)
+    covariances[[1, 3]] *= spread**2
+    chol = G.precision_cholesky_from_covariances(covariances, covariance_type)
+    computed = []
+    competitive = G.MixturePass._competitive_exact_log_prob
+
+    def counting(self, features, log_prob, floor):
+        competitive(self, features, log_prob, floor)
+        computed.append(sum(rows.numel() for _, rows, _ in self._kept))
+
+    monkeypatch.setattr(G.MixturePass, "_competitive_exact_log_prob", counting)
+    em_pass, some_rows = _run_pass(X, means, chol, covariance_type, weights.log(),
+                                   sample_weight, dtype)
+    assert em_pass._rows_only and em_pass.exact_components == [1, 3]
+    # the E-step (the first len(chunks) calls) computed each of the two about
+    # on its own cluster's rows (N / K), not on all N
+    first_pass = computed[:len(range(0, N, 700))]
+    assert 0 < sum(first_pass) <= 1.2 * 2 * N / K
+    monkeypatch.setattr(G.MixturePass, "_competitive_rows_setup", lambda self: False)
+    _, every_row = _run_pass(X, means, chol, covariance_type, weights.log(), sample_weight,
+                             dtype)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    for got, want in zip(some_rows, every_row):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0.0)
+
+
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_exact_second_pass_when_the_centred_sums_lose_too_much(covariance_type):
     # a model of unit variances (the E-step expansion is fine) of tight clusters:
