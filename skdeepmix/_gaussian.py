@@ -873,14 +873,12 @@ class MixturePass:
         # expanded value may exceed its true one by
         reference = log_prob.amax(0).sub_(bound.amax(0))
         competitive = expanded.add_(bound) >= reference.add_(floor - 1.0)
-        z_all = features[:, self._ones_column + 1:]
-        P = self.precisions_cholesky
         self._kept = []
         for position, k in enumerate(self.exact_components):
             rows = torch.nonzero(competitive[position]).flatten()
             if rows.numel() == 0:  # on the CPU: no host synchronisation
                 continue
-            squares = ((z_all[rows] - (self.means[k] - self.center)) * P[k]).square_()
+            squares = self._exact_terms(features[rows], exact[position:position + 1])[0]
             log_prob[k, rows] = self._constants[k] - 0.5 * squares.sum(1)
             self._kept.append((position, rows, squares))
 
