@@ -958,7 +958,7 @@ class MixturePass:
             for position, rows, squares in kept:
                 self._exact_second[position] += resp[self.exact_components[position], rows] @ squares
         else:  # second moments of the exact components around their means, whitened
-            if kept is None or self._rows_only:
+            if kept is None:  # given responsibilities: recomputed per group
                 kept = [None] * len(self._groups)
             for (positions, group), terms in zip(self._groups, kept):
                 if terms is None:
