@@ -635,10 +635,10 @@ class MixturePass:
     second moments are centred on ``center``; :meth:`finalize` measures what
     that lost and, for the components that lost more than half the digits,
     redoes them exactly centred on the new means (a second pass). On the CPU,
-    'diag' and 'spherical' components computed from differences are computed
-    only on the rows they can reach, within the floor of a row's largest
-    log-density (:meth:`_competitive_exact_log_prob`): such components are
-    tight, so these are few rows.
+    the 'full', 'diag' and 'spherical' components computed from differences
+    are computed only on the rows they can reach, within the floor of a row's
+    largest log-density (:meth:`_competitive_exact_log_prob`): such components
+    are tight, so these are few rows.
 
     Parameters
     ----------
@@ -821,16 +821,33 @@ class MixturePass:
     def _competitive_rows_setup(self):
         """Whether the exact components are computed only on the rows where
         they can matter (:meth:`_competitive_exact_log_prob`): on the CPU, for
-        'diag' and 'spherical' (elsewhere on every row, with no data-dependent
-        shapes and no host reads)."""
-        if (not self.exact_components or self.covariance_type not in ("diag", "spherical")
+        'full', 'diag' and 'spherical' (elsewhere on every row, with no
+        data-dependent shapes and no host reads). Prepares the bound of
+        :meth:`_rounding_bound`."""
+        if (not self.exact_components or self.covariance_type == "tied"
                 or self.center.device.type != "cpu"):
             return False
         exact, d = self._exact, self.center.shape[0]
+        a = (self.means - self.center)[exact]
+        eps = torch.finfo(a.dtype).eps
+        if self.covariance_type == "full":
+            # The expanded log-density of a row is a dot product of its m
+            # rounded features with coefficients from Lambda = P Pᵀ, a_k and
+            # c_k, themselves rounded to a few d eps relative to
+            # M = |P| |P|ᵀ >= |Lambda|: it rounds to at most t = 4 (m + 7) eps S,
+            # S the size of its terms, S <= ½ |z|ᵀ M |z| + |z|ᵀ M |a| + ½ |a|ᵀ M |a|
+            # + |c_k| <= ½ R |z|² + |M |a|| |z| + ½ |a|ᵀ M |a| + |c_k|, with R
+            # the largest row sum of M (which bounds its largest eigenvalue).
+            P = self.precisions_cholesky[exact].abs()
+            M = P @ P.transpose(1, 2)
+            Ma = torch.einsum("kde,ke->kd", M, a.abs())
+            self._bound_scale = 4.0 * (self._n_features + 7) * eps
+            self._bound_terms = (0.5 * M.sum(2).amax(1), Ma.norm(dim=1),
+                                 0.5 * (a.abs() * Ma).sum(1) + self._constants[exact].abs())
+            return True
         precision = self.precisions_cholesky[exact].square()
         if self.covariance_type == "spherical":
             precision = precision[:, None]
-        a = (self.means - self.center)[exact]
         # The expanded log-density e_k of a row is a dot product of 2d + 1
         # rounded features and coefficients: it rounds to at most
         # t = 4 (2d + 8) eps S, S = sum p² z² + sum p² a² + |c_k| the size of
@@ -838,24 +855,40 @@ class MixturePass:
         # sum p² (z - a)² = 2 (c_k - e_k) up to t: S <= 4 |c_k - e_k| + 4 t
         # + 3 sum p² a² + |c_k|, so t <= s (4 |c_k - e_k| + B_k) with
         # s = 4 (2d + 8) eps / (1 - 16 (2d + 8) eps).
-        unit = 4.0 * (2 * d + 8) * torch.finfo(a.dtype).eps
+        unit = 4.0 * (2 * d + 8) * eps
         self._bound_scale = unit / (1.0 - 4.0 * unit)
-        self._bound_constants = (3.0 * (a.square() * precision).sum(1)
-                                 + self._constants[exact].abs())
+        self._bound_terms = (3.0 * (a.square() * precision).sum(1)
+                             + self._constants[exact].abs())
         return True
+
+    def _rounding_bound(self, features, expanded):
+        """How far the expanded log-densities ``expanded`` (n_exact, n) of the
+        exact components may be from their true values (the bounds derived in
+        :meth:`_competitive_rows_setup`), same shape."""
+        if self.covariance_type == "full":
+            half_norm, linear, constant = self._bound_terms
+            z = features[:, self._ones_column + 1:self._n_features]
+            squared = z.square().sum(1)
+            bound = torch.addcmul(constant[:, None], half_norm[:, None], squared[None, :])
+            bound.addcmul_(linear[:, None], squared.sqrt()[None, :])
+            return bound.mul_(self._bound_scale)
+        distance = (self._constants[self._exact, None] - expanded).abs_().mul_(4.0)
+        return distance.add_(self._bound_terms[:, None]).mul_(self._bound_scale)
 
     def _competitive_exact_log_prob(self, features, log_prob, floor):
         """The exact components' log-densities on the rows where they can
         come within ``floor`` of the row's largest; elsewhere the expanded ones.
 
-        A row whose expanded log-density of component ``k`` plus the bound of
-        its rounding (:meth:`_competitive_rows_setup`) stays below the row's
-        largest log-density (less the bound, which an exact component's
-        expanded value may exceed its true one by) plus the floor gets the
-        floor with either value. Its exact value is not needed; nor are its second
-        moments, weighted by the floor's responsibility (``2**-126`` relative
-        in float32). Such a component (tight, far from the center) reaches
-        few rows: only those are gathered and computed from differences.
+        The largest true log-density of a row is at least ``L``, the largest
+        of the other components' (precise to :data:`EXPANSION_TOLERANCE`) and
+        of the exact ones' expanded values less their rounding bound
+        (:meth:`_rounding_bound`). A row whose expanded log-density of exact
+        component ``k`` plus that bound stays below ``L`` plus the floor
+        gets the floor with either value: its exact value is not needed; nor
+        are its second moments, weighted by the floor's responsibility
+        (``2**-126`` relative in float32). Such a component (tight, far from
+        the center) reaches few rows: only those are gathered and computed
+        from differences.
 
         Parameters
         ----------
@@ -867,20 +900,20 @@ class MixturePass:
         """
         exact = self._exact
         expanded = log_prob[exact]
-        distance = (self._constants[exact, None] - expanded).abs_().mul_(4.0)
-        bound = distance.add_(self._bound_constants[:, None]).mul_(self._bound_scale)
-        # the largest log-density of each row, less what an exact component's
-        # expanded value may exceed its true one by
-        reference = log_prob.amax(0).sub_(bound.amax(0))
-        competitive = expanded.add_(bound) >= reference.add_(floor - 1.0)
+        bound = self._rounding_bound(features, expanded)
+        log_prob[exact] = -math.inf
+        lowest_peak = torch.maximum(log_prob.amax(0), (expanded - bound).amax(0))
+        log_prob[exact] = expanded
+        competitive = expanded.add_(bound) >= lowest_peak.add_(floor - 1.0)
         self._kept = []
         for position, k in enumerate(self.exact_components):
             rows = torch.nonzero(competitive[position]).flatten()
             if rows.numel() == 0:  # on the CPU: no host synchronisation
                 continue
-            squares = self._exact_terms(features[rows], exact[position:position + 1])[0]
+            terms = self._exact_terms(features[rows], exact[position:position + 1])[0]
+            squares = terms.square() if self.covariance_type == "full" else terms
             log_prob[k, rows] = self._constants[k] - 0.5 * squares.sum(1)
-            self._kept.append((position, rows, squares))
+            self._kept.append((position, rows, terms))
 
     # ------------------------------------------------------------- E-step
     def _responsibilities(self, features, entropy=False):
@@ -954,9 +987,13 @@ class MixturePass:
             weighted = z if sample_weight is None else z * sample_weight[:, None]
             stats.second.addmm_(weighted.T, z)
         elif self._rows_only and kept is not None:
-            # the exact components' rows that can matter (squares, whitened)
-            for position, rows, squares in kept:
-                self._exact_second[position] += resp[self.exact_components[position], rows] @ squares
+            # the exact components' rows that can matter (whitened, or their squares)
+            for position, rows, terms in kept:
+                weights = resp[self.exact_components[position], rows]
+                if kind == "full":
+                    self._exact_second[position].addmm_((terms * weights[:, None]).T, terms)
+                else:
+                    self._exact_second[position] += weights @ terms
         else:  # second moments of the exact components around their means, whitened
             if kept is None:  # given responsibilities: recomputed per group
                 kept = [None] * len(self._groups)

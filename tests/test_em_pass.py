@@ -143,7 +143,7 @@ def test_tight_components_far_from_the_center_are_computed_exactly(covariance_ty
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical"])
 def test_exact_components_on_the_rows_they_can_reach_equal_every_row(
         monkeypatch, covariance_type, dtype):
     # on the CPU a tight, far component is computed from differences only on
