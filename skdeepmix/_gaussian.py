@@ -87,7 +87,8 @@ def _ill_defined_error(dtype):
     return ValueError(message)
 
 
-def precision_cholesky_from_covariances(covariances, covariance_type):
+def precision_cholesky_from_covariances(covariances, covariance_type,
+                                        return_covariances=False):
     """Upper-triangular Cholesky factors of the precisions from covariances.
 
     Parameters
@@ -95,29 +96,72 @@ def precision_cholesky_from_covariances(covariances, covariance_type):
     covariances : Tensor
         ``(K, d, d)`` full, ``(d, d)`` tied, ``(K, d)`` diag, ``(K,)`` spherical.
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    return_covariances : bool, default=False
+        Whether to return the covariances factorised too (see the Notes).
 
     Returns
     -------
     precisions_cholesky : Tensor of the same shape
         ``P`` with ``precision = P @ P.T`` (full/tied), or ``1 / sqrt(cov)``.
+    covariances : Tensor of the same shape
+        Only with ``return_covariances``: the inverse of ``P @ P.T``.
 
     Raises
     ------
     ValueError
         If a covariance is not positive definite, naming the remedies.
+
+    Notes
+    -----
+    In float32 (or narrower) a 'full'/'tied' covariance whose smallest
+    eigenvalue is below the rounding of its entries, about ``d eps`` times
+    its largest variance (a component collapsed onto fewer rows than
+    features, held at ``reg_covar``), may round to an indefinite matrix. Such
+    a covariance gets the least ``eps 2^i max_j Sigma_jj`` (up to ``4 d eps
+    max_j Sigma_jj``, the scale of that rounding) added to its diagonal that
+    makes it positive definite, instead of failing; only one that is not
+    positive definite even then raises. float64 never needs it.
     """
     if covariance_type in ("full", "tied"):
         cov_chol, info = torch.linalg.cholesky_ex(covariances)
+        if bool((info != 0).any()) and torch.finfo(covariances.dtype).bits <= 32:
+            covariances, cov_chol, info = _within_rounding(covariances, info)
         if bool((info != 0).any()):
             raise _ill_defined_error(covariances.dtype)
         eye = torch.eye(
             covariances.shape[-1], dtype=covariances.dtype, device=covariances.device
         ).expand_as(cov_chol)
         inverse = torch.linalg.solve_triangular(cov_chol, eye, upper=False)
-        return inverse.transpose(-1, -2)
-    if bool((covariances <= 0).any()):
-        raise _ill_defined_error(covariances.dtype)
-    return covariances.rsqrt()
+        chol = inverse.transpose(-1, -2)
+    else:
+        if bool((covariances <= 0).any()):
+            raise _ill_defined_error(covariances.dtype)
+        chol = covariances.rsqrt()
+    return (chol, covariances) if return_covariances else chol
+
+
+def _within_rounding(covariances, info):
+    """The covariances (..., d, d) whose Cholesky factorisation failed
+    (``info`` nonzero) with ``eps 2^i max_j Sigma_jj`` added to their
+    diagonal, the least ``2^i <= 4 d`` that lets it succeed (see
+    :func:`precision_cholesky_from_covariances`).
+
+    Returns
+    -------
+    covariances, cov_chol, info : Tensor
+        As ``torch.linalg.cholesky_ex`` of the adjusted covariances.
+    """
+    d, eps = covariances.shape[-1], torch.finfo(covariances.dtype).eps
+    eye = torch.eye(d, dtype=covariances.dtype, device=covariances.device)
+    scale = eps * torch.diagonal(covariances, dim1=-2, dim2=-1).amax(-1)
+    adjusted, cov_chol, factor = covariances, None, 1.0
+    shift = torch.zeros_like(scale)
+    while bool((info != 0).any()) and factor <= 4 * d:
+        shift = torch.where(info != 0, factor * scale, shift)
+        adjusted = covariances + shift[..., None, None] * eye
+        cov_chol, info = torch.linalg.cholesky_ex(adjusted)
+        factor *= 2.0
+    return adjusted, cov_chol, info
 
 
 def precision_cholesky_from_precisions(precisions, covariance_type):

@@ -261,15 +261,15 @@ default='dirichlet_process'
         )
         mean_precision, means, dof, covariances = self._component_posterior(
             nk, stats.means, stats.covariances)
+        chol, covariances = G.precision_cholesky_from_covariances(
+            covariances, self.covariance_type, return_covariances=True)
         self._params = {
             "weight_concentration": concentration,
             "mean_precision": mean_precision,
             "means": means,
             "degrees_of_freedom": dof,
             "covariances": covariances,
-            "precisions_cholesky": G.precision_cholesky_from_covariances(
-                covariances, self.covariance_type
-            ),
+            "precisions_cholesky": chol,
         }
 
     def _component_posterior(self, nk, means, covariances):

@@ -221,14 +221,10 @@ class GaussianMixture(BaseEMMixture):
 
     def _parameters(self, weights, means, covariances):
         """The parameter dict, with the precision Cholesky factors computed."""
-        return {
-            "weights": weights,
-            "means": means,
-            "covariances": covariances,
-            "precisions_cholesky": G.precision_cholesky_from_covariances(
-                covariances, self.covariance_type
-            ),
-        }
+        chol, covariances = G.precision_cholesky_from_covariances(
+            covariances, self.covariance_type, return_covariances=True)
+        return {"weights": weights, "means": means, "covariances": covariances,
+                "precisions_cholesky": chol}
 
     def _mixture_weights(self):
         return self._params["weights"]

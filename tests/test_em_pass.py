@@ -347,3 +347,38 @@ def test_replicas_merge_to_the_whole_pass(covariance_type):
     for name in ("log_prob_sum", "resp_log_resp_sum", "weight_sum"):
         torch.testing.assert_close(getattr(whole.stats, name), getattr(parts.stats, name),
                                    rtol=1e-12, atol=0)
+
+
+def _rotated(eigenvalues, seed=0):
+    """A symmetric matrix with these eigenvalues, in random axes (float64)."""
+    d = len(eigenvalues)
+    generator = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
+def test_float32_covariance_below_its_rounding_is_factorised_within_it():
+    # a component collapsed onto fewer rows than features, held at a variance
+    # below the rounding of its float32 entries: it rounds to an indefinite
+    # matrix, which gets a shift of that rounding's scale, not an error
+    d = 32
+    eps = torch.finfo(torch.float32).eps
+    covariances = torch.stack([_rotated([1.0] * 24 + [1e-9] * 8, seed) for seed in range(20)])
+    rounded = covariances.to(torch.float32)
+    failed = torch.linalg.cholesky_ex(rounded)[1] != 0
+    assert failed.any()  # the premise: some do not factorise as they are
+    chol, used = G.precision_cholesky_from_covariances(rounded, "full", return_covariances=True)
+    assert torch.isfinite(chol).all()
+    shift = (used - rounded).double()
+    assert (shift[~failed] == 0).all()  # the others are untouched
+    assert (shift.diagonal(dim1=1, dim2=2) <= 4 * d * eps).all()
+    assert (shift - torch.diag_embed(shift.diagonal(dim1=1, dim2=2))).abs().max() == 0
+    assert (shift.diagonal(dim1=1, dim2=2)[failed] > 0).all()
+    assert (chol.diagonal(dim1=1, dim2=2) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_indefinite_covariance_still_raises(dtype):
+    covariances = _rotated([1.0] * 7 + [-1e-3]).to(dtype)[None]
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        G.precision_cholesky_from_covariances(covariances, "full")
