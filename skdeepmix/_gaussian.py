@@ -15,6 +15,7 @@ Every function takes and returns tensors; shapes follow scikit-learn.
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 
@@ -523,7 +524,7 @@ class SufficientStatistics:
 
         return self.finalize(reg_covar, partition, exact_pass)
 
-    def finalize(self, reg_covar, partition, exact_pass, in_use=None):
+    def finalize(self, reg_covar, partition, exact_pass, in_use=None, whitened=None):
         """The parameters once the first pass is added: sums over the
         processes, then, only when the centred sums lost too many digits
         (:func:`cancellation_limit`) or left a 'full'/'tied' covariance in use
@@ -541,6 +542,12 @@ class SufficientStatistics:
             ``in_use(nk, means, covariances)``: the covariances the model
             will use (e.g. a posterior that adds a prior), whose positive
             definiteness is checked; by default ``covariances`` themselves.
+        whitened : Tensor of shape (n_components,) of bool, optional
+            Components whose second moments were summed from the differences
+            to their means, whitened (the exact components of a
+            :class:`MixturePass`). A second pass sums less precisely than
+            that, so one of them that is not positive definite is not redone
+            for it (:func:`precision_cholesky_from_covariances` decides).
 
         Returns
         -------
@@ -553,9 +560,11 @@ class SufficientStatistics:
             return nk, means, covariances
         used = covariances if in_use is None else in_use(nk, means, covariances)
         # rounding lost too much, or broke a near-singular covariance
+        indefinite = ~_positive_definite(used, self.covariance_type)
+        if whitened is not None:
+            indefinite &= ~whitened
         redo = (self._loss_of_precision(rounding, used, nk, means, in_use)
-                >= cancellation_limit(self.first.dtype)) | ~_positive_definite(
-                    used, self.covariance_type)
+                >= cancellation_limit(self.first.dtype)) | indefinite
         if self.covariance_type == "tied":
             redo = redo.any().expand_as(self.recentred)
         if bool(redo.any()):
@@ -724,8 +733,9 @@ class MixturePass:
         # groups of exact components whose (rows, group, d) temporaries fit
         # in about the feature buffer of a chunk
         size = max(1, self.n_columns(covariance_type, d) // (3 * d))
-        self._groups = [(slice(start, start + size), self._exact[start:start + size])
+        self._groups = [self._exact_group(slice(start, start + size))
                         for start in range(0, len(self.exact_components), size)]
+        self._all_exact = self._exact_group(slice(None)) if self.exact_components else None
         # feature columns: [quadratic (y for 'tied'), 1, z] (+ a copy of z for 'full')
         self._ones_column = _N_QUADRATIC[covariance_type](d)
         self._n_features = self._ones_column + 1 + d
@@ -805,17 +815,26 @@ class MixturePass:
             torch.mm(z, self.precisions_cholesky, out=buffer[:, :d])
         return buffer[:, :self._n_features]
 
+    def _exact_group(self, positions):
+        """The exact components ``positions`` (a slice of them), with what
+        :meth:`_whitened` needs of their parameters."""
+        indices = self._exact[positions]
+        P, kind = self.precisions_cholesky, self.covariance_type
+        whitening = {"full": lambda: P[indices], "tied": lambda: P,
+                     "diag": lambda: P[indices, None, :],
+                     "spherical": lambda: P[indices, None, None]}[kind]()
+        offsets = (self.means[indices] - self.center)[:, None, :]
+        return _ExactGroup(positions, indices, offsets, whitening)
+
     def _whitened(self, features, group):
         """Whitened differences ``(x - mu_k) P_k`` of the rows for the exact
-        components ``group`` (indices), shape (len(group), n, d)."""
-        z = features[:, self._ones_column + 1:]
-        centred = z - (self.means[group] - self.center)[:, None, :]  # (g, n, d)
-        P, kind = self.precisions_cholesky, self.covariance_type
-        if kind == "full":
-            return torch.bmm(centred, P[group])
-        if kind == "tied":
-            return centred @ P
-        return centred.mul_(P[group, None, :] if kind == "diag" else P[group, None, None])
+        components of ``group`` (an ``_ExactGroup``), shape (len(group), n, d)."""
+        centred = features[:, self._ones_column + 1:] - group.offsets  # (g, n, d)
+        if self.covariance_type == "full":
+            return torch.bmm(centred, group.whitening)
+        if self.covariance_type == "tied":
+            return centred @ group.whitening
+        return centred.mul_(group.whitening)
 
     def _log_prob_coefficients(self):
         """(n_components, columns): log-densities = ``coefficients @ featuresᵀ``."""
@@ -851,13 +870,13 @@ class MixturePass:
         features (the others are recomputed)."""
         self._kept = []
         room = features.numel() if self.covariance_type != "tied" else 0
-        for _, group in self._groups:
+        for group in self._groups:
             terms = self._exact_terms(features, group)
             squares = terms.square() if self.covariance_type in ("full", "tied") else terms
-            rows = self._constants[group, None] - 0.5 * squares.sum(2)
+            rows = self._constants[group.indices, None] - 0.5 * squares.sum(2)
             if self.covariance_type == "tied":  # the rows' common term is added back
                 rows += 0.5 * features[:, :terms.shape[2]].square().sum(1)
-            log_prob[group] = rows
+            log_prob[group.indices] = rows
             keep = terms.numel() <= room
             room -= terms.numel() if keep else 0
             self._kept.append(terms if keep else None)
@@ -885,9 +904,10 @@ class MixturePass:
             P = self.precisions_cholesky[exact].abs()
             M = P @ P.transpose(1, 2)
             Ma = torch.einsum("kde,ke->kd", M, a.abs())
-            self._bound_scale = 4.0 * (self._n_features + 7) * eps
-            self._bound_terms = (0.5 * M.sum(2).amax(1), Ma.norm(dim=1),
-                                 0.5 * (a.abs() * Ma).sum(1) + self._constants[exact].abs())
+            scale = 4.0 * (self._n_features + 7) * eps
+            self._bound_terms = tuple(scale * term[:, None] for term in (
+                0.5 * M.sum(2).amax(1), Ma.norm(dim=1),
+                0.5 * (a.abs() * Ma).sum(1) + self._constants[exact].abs()))
             return True
         precision = self.precisions_cholesky[exact].square()
         if self.covariance_type == "spherical":
@@ -909,13 +929,11 @@ class MixturePass:
         """How far the expanded log-densities ``expanded`` (n_exact, n) of the
         exact components may be from their true values (the bounds derived in
         :meth:`_competitive_rows_setup`), same shape."""
-        if self.covariance_type == "full":
+        if self.covariance_type == "full":  # |z|²: the features z_i z_i, the first d
             half_norm, linear, constant = self._bound_terms
-            z = features[:, self._ones_column + 1:self._n_features]
-            squared = z.square().sum(1)
-            bound = torch.addcmul(constant[:, None], half_norm[:, None], squared[None, :])
-            bound.addcmul_(linear[:, None], squared.sqrt()[None, :])
-            return bound.mul_(self._bound_scale)
+            squared = features[:, :self.center.shape[0]].sum(1)
+            bound = torch.addcmul(constant, half_norm, squared)
+            return bound.addcmul_(linear, squared.sqrt_())
         distance = (self._constants[self._exact, None] - expanded).abs_().mul_(4.0)
         return distance.add_(self._bound_terms[:, None]).mul_(self._bound_scale)
 
@@ -931,8 +949,10 @@ class MixturePass:
         gets the floor with either value: its exact value is not needed; nor
         are its second moments, weighted by the floor's responsibility
         (``2**-126`` relative in float32). Such a component (tight, far from
-        the center) reaches few rows: only those are gathered and computed
-        from differences.
+        the center) reaches few rows: only the rows that some exact component
+        reaches are gathered, and all the exact components computed there
+        from differences (a few operations per chunk, whatever their number:
+        the threads of a pass share the interpreter).
 
         Parameters
         ----------
@@ -945,19 +965,24 @@ class MixturePass:
         exact = self._exact
         expanded = log_prob[exact]
         bound = self._rounding_bound(features, expanded)
-        log_prob[exact] = -math.inf
-        lowest_peak = torch.maximum(log_prob.amax(0), (expanded - bound).amax(0))
+        log_prob[exact] = expanded - bound  # each at most its true value
+        lowest_peak = log_prob.amax(0)
         log_prob[exact] = expanded
-        competitive = expanded.add_(bound) >= lowest_peak.add_(floor - 1.0)
-        self._kept = []
-        for position, k in enumerate(self.exact_components):
-            rows = torch.nonzero(competitive[position]).flatten()
-            if rows.numel() == 0:  # on the CPU: no host synchronisation
-                continue
-            terms = self._exact_terms(features[rows], exact[position:position + 1])[0]
+        reach = (expanded.add_(bound) >= lowest_peak.add_(floor - 1.0)).any(0)
+        rows = torch.nonzero(reach).flatten()
+        self._kept = (rows, [])
+        if rows.numel() == 0:  # on the CPU: no host synchronisation
+            return
+        reached = features[rows]
+        groups = self._groups
+        if rows.numel() * len(self.exact_components) * self.center.shape[0] <= features.numel():
+            groups = [self._all_exact]
+        for group in groups:
+            terms = self._exact_terms(reached, group)
             squares = terms.square() if self.covariance_type == "full" else terms
-            log_prob[k, rows] = self._constants[k] - 0.5 * squares.sum(1)
-            self._kept.append((position, rows, terms))
+            log_prob[group.indices[:, None], rows] = (
+                self._constants[group.indices, None] - 0.5 * squares.sum(2))
+            self._kept[1].append((group, terms))
 
     # ------------------------------------------------------------- E-step
     def _responsibilities(self, features, entropy=False):
@@ -1031,20 +1056,22 @@ class MixturePass:
             weighted = z if sample_weight is None else z * sample_weight[:, None]
             stats.second.addmm_(weighted.T, z)
         elif self._rows_only and kept is not None:
-            # the exact components' rows that can matter (whitened, or their squares)
-            for position, rows, terms in kept:
-                weights = resp[self.exact_components[position], rows]
+            # the rows the exact components can reach (whitened, or their squares)
+            rows, groups = kept
+            for group, terms in groups:
+                weights = resp[group.indices[:, None], rows]
+                second = self._exact_second[group.positions]
                 if kind == "full":
-                    self._exact_second[position].addmm_((terms * weights[:, None]).T, terms)
+                    second.baddbmm_((terms * weights[:, :, None]).transpose(1, 2), terms)
                 else:
-                    self._exact_second[position] += weights @ terms
+                    second += torch.bmm(weights[:, None, :], terms)[:, 0]
         else:  # second moments of the exact components around their means, whitened
             if kept is None:  # given responsibilities: recomputed per group
                 kept = [None] * len(self._groups)
-            for (positions, group), terms in zip(self._groups, kept):
+            for group, terms in zip(self._groups, kept):
                 if terms is None:
                     terms = self._exact_terms(features, group)
-                weighted, second = resp[group], self._exact_second[positions]
+                weighted, second = resp[group.indices], self._exact_second[group.positions]
                 if kind == "full":
                     second.baddbmm_((terms * weighted[:, :, None]).transpose(1, 2), terms)
                 else:  # the squares
@@ -1110,7 +1137,17 @@ class MixturePass:
                 stats.add_exact(X, resp, means, sample_weight=sample_weight,
                                 components=components)
 
-        return stats.finalize(reg_covar, partition, exact_pass, in_use)
+        whitened = None
+        if self.exact_components and kind != "tied":
+            whitened = torch.zeros_like(stats.recentred)
+            whitened[self._exact] = True
+        return stats.finalize(reg_covar, partition, exact_pass, in_use, whitened)
+
+
+#: exact components of a MixturePass computed together: their positions (a
+#: slice of ``exact_components``), indices, ``means - center`` (g, 1, d) and
+#: whitening factors (broadcast against the (g, n, d) differences)
+_ExactGroup = collections.namedtuple("_ExactGroup", "positions indices offsets whitening")
 
 
 def _circulant_pairs(n_features, device):
