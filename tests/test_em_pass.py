@@ -382,3 +382,25 @@ def test_an_indefinite_covariance_still_raises(dtype):
     covariances = _rotated([1.0] * 7 + [-1e-3]).to(dtype)[None]
     with pytest.raises(ValueError, match="ill-defined empirical covariance"):
         G.precision_cholesky_from_covariances(covariances, "full")
+
+
+def test_a_whitened_component_is_not_redone_for_an_indefinite_covariance():
+    # the second pass sums less precisely than whitened differences: a
+    # covariance of such a component that is not positive definite is left
+    # to the factorisation; the others are redone exactly centred
+    X = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X[:, 2] = X[:, 0]  # singular covariances
+    resp = torch.full((50, 2), 0.5, dtype=torch.float64)
+    center = X.mean(0)
+    requested = []
+    for whitened in (None, torch.tensor([True, False])):
+        stats = G.SufficientStatistics("full", center.expand(2, 3), center)
+        stats.add(X, resp)
+
+        def exact_pass(means, components, stats=stats):
+            requested.append(components)
+            stats.add_exact(X, resp, means, components=components)
+
+        # a negative reg_covar makes both (singular) covariances indefinite
+        stats.finalize(-1e-3, None, exact_pass, whitened=whitened)
+    assert requested == [[0, 1], [1]]
