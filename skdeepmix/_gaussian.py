@@ -820,9 +820,12 @@ class MixturePass:
         :meth:`_whitened` needs of their parameters."""
         indices = self._exact[positions]
         P, kind = self.precisions_cholesky, self.covariance_type
-        whitening = {"full": lambda: P[indices], "tied": lambda: P,
-                     "diag": lambda: P[indices, None, :],
-                     "spherical": lambda: P[indices, None, None]}[kind]()
+        if kind == "tied":
+            whitening = P
+        elif kind == "full":
+            whitening = P[indices]
+        else:  # broadcast against (g, n, d)
+            whitening = P[indices, None, :] if kind == "diag" else P[indices, None, None]
         offsets = (self.means[indices] - self.center)[:, None, :]
         return _ExactGroup(positions, indices, offsets, whitening)
 
