@@ -675,8 +675,9 @@ class BaseDeepMixture(_CallbackSupportMixin, DensityMixin, BaseEstimator, metacl
             return self._fit_validated(X, ctx, continuing, y_given, sample_weight)
 
     def _check_warm_start(self):
-        """Raise ``ValueError`` when the fitted state cannot be continued
-        (hook; every state can be by default)."""
+        """Raise ``ValueError`` when the fitted state cannot be continued.
+        A hook: by default every fitted state can be, so it does nothing."""
+        return None
 
     def _validate_everywhere(self, validate):
         """Run ``validate()``; under torch.distributed, fail on every process

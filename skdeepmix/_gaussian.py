@@ -730,12 +730,7 @@ class MixturePass:
             means - center, precisions_cholesky, covariance_type)
         self._exact = torch.tensor(self.exact_components, dtype=torch.long,
                                    device=center.device)
-        # groups of exact components whose (rows, group, d) temporaries fit
-        # in about the feature buffer of a chunk
-        size = max(1, self.n_columns(covariance_type, d) // (3 * d))
-        self._groups = [self._exact_group(slice(start, start + size))
-                        for start in range(0, len(self.exact_components), size)]
-        self._all_exact = self._exact_group(slice(None)) if self.exact_components else None
+        self._groups, self._all_exact = [], None  # of exact components (set with the model)
         # feature columns: [quadratic (y for 'tied'), 1, z] (+ a copy of z for 'full')
         self._ones_column = _N_QUADRATIC[covariance_type](d)
         self._n_features = self._ones_column + 1 + d
@@ -748,6 +743,13 @@ class MixturePass:
             d_log = -0.5 * d * LOG_2PI + log_det_cholesky(precisions_cholesky, covariance_type, d)
             self._constants = d_log + log_offsets  # log p(x, k) at x = mu_k
             self._coefficients = self._log_prob_coefficients()
+            if self.exact_components:
+                # groups whose (rows, group, d) temporaries fit in about the
+                # feature buffer of a chunk
+                size = max(1, self.n_columns(covariance_type, d) // (3 * d))
+                self._groups = [self._exact_group(slice(start, start + size))
+                                for start in range(0, len(self.exact_components), size)]
+                self._all_exact = self._exact_group(slice(None))
             self._rows_only = self._competitive_rows_setup()
 
     def _empty_sums(self, n_components):
@@ -827,7 +829,7 @@ class MixturePass:
         else:  # broadcast against (g, n, d)
             whitening = P[indices, None, :] if kind == "diag" else P[indices, None, None]
         offsets = (self.means[indices] - self.center)[:, None, :]
-        return _ExactGroup(positions, indices, offsets, whitening)
+        return _ExactGroup(positions, indices, offsets, whitening, self._constants[indices, None])
 
     def _whitened(self, features, group):
         """Whitened differences ``(x - mu_k) P_k`` of the rows for the exact
@@ -876,7 +878,7 @@ class MixturePass:
         for group in self._groups:
             terms = self._exact_terms(features, group)
             squares = terms.square() if self.covariance_type in ("full", "tied") else terms
-            rows = self._constants[group.indices, None] - 0.5 * squares.sum(2)
+            rows = group.constants - 0.5 * squares.sum(2)
             if self.covariance_type == "tied":  # the rows' common term is added back
                 rows += 0.5 * features[:, :terms.shape[2]].square().sum(1)
             log_prob[group.indices] = rows
@@ -923,9 +925,9 @@ class MixturePass:
         # + 3 sum p² a² + |c_k|, so t <= s (4 |c_k - e_k| + B_k) with
         # s = 4 (2d + 8) eps / (1 - 16 (2d + 8) eps).
         unit = 4.0 * (2 * d + 8) * eps
-        self._bound_scale = unit / (1.0 - 4.0 * unit)
-        self._bound_terms = (3.0 * (a.square() * precision).sum(1)
-                             + self._constants[exact].abs())
+        scale = unit / (1.0 - 4.0 * unit)
+        self._bound_terms = (4.0 * scale, scale * (3.0 * (a.square() * precision).sum(1)
+                                                   + self._constants[exact].abs())[:, None])
         return True
 
     def _rounding_bound(self, features, expanded):
@@ -937,8 +939,9 @@ class MixturePass:
             squared = features[:, :self.center.shape[0]].sum(1)
             bound = torch.addcmul(constant, half_norm, squared)
             return bound.addcmul_(linear, squared.sqrt_())
-        distance = (self._constants[self._exact, None] - expanded).abs_().mul_(4.0)
-        return distance.add_(self._bound_terms[:, None]).mul_(self._bound_scale)
+        distance_scale, constant = self._bound_terms  # s (4 |c_k - e_k| + B_k)
+        distance = (self._all_exact.constants - expanded).abs_()
+        return distance.mul_(distance_scale).add_(constant)
 
     def _competitive_exact_log_prob(self, features, log_prob, floor):
         """The exact components' log-densities on the rows where they can
@@ -983,8 +986,7 @@ class MixturePass:
         for group in groups:
             terms = self._exact_terms(reached, group)
             squares = terms.square() if self.covariance_type == "full" else terms
-            log_prob[group.indices[:, None], rows] = (
-                self._constants[group.indices, None] - 0.5 * squares.sum(2))
+            log_prob[group.indices[:, None], rows] = group.constants - 0.5 * squares.sum(2)
             self._kept[1].append((group, terms))
 
     # ------------------------------------------------------------- E-step
@@ -1148,9 +1150,11 @@ class MixturePass:
 
 
 #: exact components of a MixturePass computed together: their positions (a
-#: slice of ``exact_components``), indices, ``means - center`` (g, 1, d) and
-#: whitening factors (broadcast against the (g, n, d) differences)
-_ExactGroup = collections.namedtuple("_ExactGroup", "positions indices offsets whitening")
+#: slice of ``exact_components``), indices, ``means - center`` (g, 1, d),
+#: whitening factors (broadcast against the (g, n, d) differences) and
+#: log-densities at their means (g, 1)
+_ExactGroup = collections.namedtuple("_ExactGroup",
+                                     "positions indices offsets whitening constants")
 
 
 def _circulant_pairs(n_features, device):
