@@ -24,6 +24,7 @@ from skdeepmix.nn.deep_gmm import (
     m_step_layers,
     m_step_objective,
     prior_scatter,
+    prior_targets,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -215,8 +216,9 @@ def test_one_layer_prior_is_the_conjugate_map_update():
         covs.append((resp[:, k, None] * diff).T @ diff / nk[k])
     pooled = sum(n * c for n, c in zip(nk, covs)) / nk.sum()
     corr = pooled / np.sqrt(np.outer(np.diag(pooled), np.diag(pooled)))
-    for k in range(3):  # means kept; own variances, pooled correlations
-        sd = np.sqrt(np.diag(covs[k]))
+    for k in range(3):  # means kept; own variances (one pseudo-sample of the
+        # pooled ones), pooled correlations
+        sd = np.sqrt((nk[k] * np.diag(covs[k]) + np.diag(pooled)) / (nk[k] + 1))
         np.testing.assert_allclose(b[k].numpy(), means[k], rtol=1e-10)
         expected = covs[k] + tau / nk[k] * np.outer(sd, sd) * corr
         np.testing.assert_allclose((A[k] @ A[k].T).numpy(), expected, rtol=1e-9, atol=1e-12)
@@ -236,6 +238,63 @@ def test_prior_scatter_is_the_data_space_scatter_of_every_path():
         np.testing.assert_allclose(P[c, 0].numpy(), expected.numpy(), rtol=1e-12)
     np.testing.assert_allclose(prior_scatter(model, 0, psi).numpy(),
                                psi.reshape(2, 6, 3, 3).numpy())
+
+
+def _m_step_after_gauge(model, G, h, X, paths, reg, prior_count):
+    """Apply the gauge ``y_1 -> G y_1 + h`` between layers 0 and 1 (the same
+    model in data space), run one M-step, return the new log joint of ``X``."""
+    with torch.no_grad():
+        W0, c0 = model.inv_weight[0].clone(), model.inv_bias[0].clone()
+        W1, c1 = model.inv_weight[1].clone(), model.inv_bias[1].clone()
+        G_inv = torch.linalg.inv(G)
+        model.inv_weight[0].copy_(G @ W0)
+        model.inv_bias[0].copy_(c0 @ G.T + h)
+        model.inv_weight[1].copy_(W1 @ G_inv)
+        model.inv_bias[1].copy_(c1 - (W1 @ G_inv @ h))
+    before = model.log_joint(X)
+    centers = model.statistics_centers()
+    stats = empty_statistics(model)
+    accumulate_hard_statistics(model, X, paths, centers, stats)
+    m_step_layers(model, stats, centers, reg, max_iter=500, prior_count=prior_count)
+    return before, model.log_joint(X)
+
+
+@pytest.mark.parametrize("prior_count", [0.0, 5.0])
+def test_m_step_is_the_same_in_every_gauge_between_layers(prior_count):
+    # reg_covar and the prior are data-space terms: an M-step from two
+    # parametrisations of one model (an invertible affine map between the
+    # layers, undone by the next layer) gives the same model, so that the
+    # layers maximise one objective and hard EM cannot cycle between them
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(400, 3, generator=gen, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.1])
+    G = torch.tensor([[4.0, 1.0, 0.0], [0.0, 0.5, 0.2], [0.3, 0.0, 2.0]], dtype=torch.float64)
+    h = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    eye, zero = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    first = _random_model((3, 2), 3)
+    paths = first.unflatten_index(first.log_joint(X).argmax(1))
+    before_a, after_a = _m_step_after_gauge(first, eye, zero, X, paths, 0.3, prior_count)
+    before_b, after_b = _m_step_after_gauge(_random_model((3, 2), 3), G, h, X, paths, 0.3,
+                                            prior_count)
+    np.testing.assert_allclose(before_b.numpy(), before_a.numpy(), rtol=1e-10)
+    assert (after_a.numpy().mean() > before_a.numpy().mean() - 1.0)
+    np.testing.assert_allclose(after_b.numpy(), after_a.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_prior_target_of_a_one_sample_path_is_broad():
+    # a path with one sample has no variance of its own; its target is half
+    # the pooled within-path variance (one pseudo-sample), not zero, so that
+    # the prior keeps it from collapsing onto its sample
+    rng = np.random.RandomState(0)
+    groups = [rng.randn(50, 2) * [1.0, 3.0], rng.randn(1, 2) + 10.0]
+    gamma = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
+    for p, Z in enumerate(groups):
+        Z = torch.as_tensor(np.hstack([Z, np.ones((len(Z), 1))]))
+        gamma[p, 0] = Z.T @ Z
+    T = prior_targets(gamma).numpy()
+    pooled = np.var(groups[0], axis=0) * 50 / 51  # the singleton adds no scatter
+    np.testing.assert_allclose(np.diag(T[1]), pooled / 2, rtol=1e-10)
+    np.testing.assert_allclose(np.diag(T[0]), (50 * np.var(groups[0], axis=0) + pooled) / 51,
+                               rtol=1e-10)
 
 
 def test_prior_keeps_a_deep_fit_on_few_samples_sane():

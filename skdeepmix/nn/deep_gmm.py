@@ -947,8 +947,9 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
         From :func:`accumulate_hard_statistics` / :func:`accumulate_soft_statistics`.
     centers : list of Tensor of shape (d,)
     reg : float
-        Added to the input covariance of every node (``reg * I``), as
-        ``reg_covar`` in a GMM.
+        Added to the data-space covariance of every path (``reg * I``, as
+        extra scatter ``reg n_p I``, seen by every layer like the prior's),
+        as ``reg_covar`` in a GMM.
     max_iter : int
         L-BFGS iterations per layer.
     prior_count : float, default=0.0
@@ -963,14 +964,10 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     """
     d = model.n_features
     gain = 0.0
-    psi = prior_count * prior_targets(stats[0]) if prior_count > 0 else None
+    psi = data_space_scatter(stats[0], reg, prior_count)
     for j in reversed(range(model.n_layers)):
         gamma = stats[j].clone()
-        counts_mu = gamma[..., -1, -1]
-        if psi is not None:
-            gamma[..., :d, :d] += prior_scatter(model, j, psi)
-        idx = torch.arange(d, device=gamma.device)
-        gamma[..., idx, idx] += reg * counts_mu[..., None]
+        gamma[..., :d, :d] += prior_scatter(model, j, psi)
         W = model.inv_weight[j].detach().to(torch.float64)
         c = model.inv_bias[j].detach().to(torch.float64)
         mu = centers[j].to(torch.float64)
@@ -1002,14 +999,47 @@ def m_step_layers(model, stats, centers, reg, max_iter=50, prior_count=0.0):
     return gain
 
 
+def data_space_scatter(gamma, reg, prior_count):
+    """The extra scatter of every path in data space: ``reg n_p I + prior_count T_p``.
+
+    Both terms are in the data's coordinates and reach every layer through its
+    outer layers (:func:`prior_scatter`), so that all layers maximise one
+    objective. (``reg`` added to each layer's own input covariance would be a
+    different amount in data space for each layer, depending on the maps
+    between them: the layers then pull against each other and hard EM can
+    cycle, e.g. on the constant pixels of ``load_digits``.)
+
+    Parameters
+    ----------
+    gamma : Tensor of shape (N_0, U_0, d+1, d+1)
+        The data-side layer's statistics (see :func:`prior_targets`).
+    reg : float
+    prior_count : float
+
+    Returns
+    -------
+    psi : Tensor of shape (n_paths, d, d)
+    """
+    d = gamma.shape[-1] - 1
+    counts = gamma.reshape(-1, d + 1, d + 1)[:, d, d]
+    eye = torch.eye(d, dtype=gamma.dtype, device=gamma.device)
+    psi = (reg * counts)[:, None, None] * eye
+    if prior_count > 0:
+        psi = psi + prior_count * prior_targets(gamma)
+    return psi
+
+
 def prior_targets(gamma):
     """Prior targets: each path's own variances with the pooled correlations.
 
     With ``n_p`` samples, sum ``s_p`` and scatter ``S_p`` on path ``p``, the
-    within-path scatter is ``C_p = S_p - s_p s_p^T / n_p``, the path's
-    variances ``v_p = diag(C_p) / n_p`` and the pooled within-path covariance
-    ``B = sum_p C_p / sum_p n_p``, with correlations
-    ``R = diag(B)^-1/2 B diag(B)^-1/2``. The target of path ``p`` is
+    within-path scatter is ``C_p = S_p - s_p s_p^T / n_p``, the pooled
+    within-path covariance ``B = sum_p C_p / sum_p n_p``, with correlations
+    ``R = diag(B)^-1/2 B diag(B)^-1/2``, and the path's variances
+    ``v_p = (diag(C_p) + diag(B)) / (n_p + 1)``: its own, with one
+    pseudo-sample of the pooled ones (so that a path of one or two samples,
+    whose own variances are zero or nearly, still gets a broad prior instead
+    of collapsing onto its samples). The target of path ``p`` is
 
         ``T_p = diag(v_p)^1/2 R diag(v_p)^1/2``,
 
@@ -1054,7 +1084,9 @@ def prior_targets(gamma):
     scale = torch.where(reliable, B.clamp_min(tiny).rsqrt(), torch.zeros_like(B))
     R = scale[:, None] * pooled * scale[None, :]
     R.diagonal().fill_(1.0)
-    v = (torch.diagonal(within, dim1=-2, dim2=-1) / n[..., 0]).clamp_min(0.0)
+    total = counts.sum().clamp_min(tiny)
+    v = ((torch.diagonal(within, dim1=-2, dim2=-1) + B.clamp_min(0.0) / total)
+         / (counts + 1.0)[:, None]).clamp_min(0.0)
     sd = v.sqrt() * (counts > 0)[:, None]
     return sd.unsqueeze(-1) * R * sd.unsqueeze(-2)
 
