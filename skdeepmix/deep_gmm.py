@@ -137,10 +137,8 @@ class DeepGMMEstimator(BaseDeepMixture):
     prior_count : float, default=8.0
         Weight, in samples, of a conjugate (Wishart) prior on the covariance
         of every path, a maximum a posteriori fit. Its target ``T`` keeps the
-        path's own per-feature variances (with one pseudo-sample of the pooled
-        ones, so that a path of one or two samples gets a broad target) and
-        takes the correlations of the pooled within-path covariance
-        (estimated from all samples, as in
+        path's own per-feature variances and takes the correlations of the
+        pooled within-path covariance (estimated from all samples, as in
         regularised discriminant analysis): the M-step adds ``prior_count *
         T`` to each path's scatter (seen by every layer through its outer
         layers). With one layer, a component with ``n`` samples gets the

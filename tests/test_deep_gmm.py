@@ -24,7 +24,6 @@ from skdeepmix.nn.deep_gmm import (
     m_step_layers,
     m_step_objective,
     prior_scatter,
-    prior_targets,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -216,9 +215,8 @@ def test_one_layer_prior_is_the_conjugate_map_update():
         covs.append((resp[:, k, None] * diff).T @ diff / nk[k])
     pooled = sum(n * c for n, c in zip(nk, covs)) / nk.sum()
     corr = pooled / np.sqrt(np.outer(np.diag(pooled), np.diag(pooled)))
-    for k in range(3):  # means kept; own variances (one pseudo-sample of the
-        # pooled ones), pooled correlations
-        sd = np.sqrt((nk[k] * np.diag(covs[k]) + np.diag(pooled)) / (nk[k] + 1))
+    for k in range(3):  # means kept; own variances, pooled correlations
+        sd = np.sqrt(np.diag(covs[k]))
         np.testing.assert_allclose(b[k].numpy(), means[k], rtol=1e-10)
         expected = covs[k] + tau / nk[k] * np.outer(sd, sd) * corr
         np.testing.assert_allclose((A[k] @ A[k].T).numpy(), expected, rtol=1e-9, atol=1e-12)
@@ -278,23 +276,6 @@ def test_m_step_is_the_same_in_every_gauge_between_layers(prior_count):
     np.testing.assert_allclose(before_b.numpy(), before_a.numpy(), rtol=1e-10)
     assert (after_a.numpy().mean() > before_a.numpy().mean() - 1.0)
     np.testing.assert_allclose(after_b.numpy(), after_a.numpy(), rtol=1e-4, atol=1e-3)
-
-
-def test_prior_target_of_a_one_sample_path_is_broad():
-    # a path with one sample has no variance of its own; its target is half
-    # the pooled within-path variance (one pseudo-sample), not zero, so that
-    # the prior keeps it from collapsing onto its sample
-    rng = np.random.RandomState(0)
-    groups = [rng.randn(50, 2) * [1.0, 3.0], rng.randn(1, 2) + 10.0]
-    gamma = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
-    for p, Z in enumerate(groups):
-        Z = torch.as_tensor(np.hstack([Z, np.ones((len(Z), 1))]))
-        gamma[p, 0] = Z.T @ Z
-    T = prior_targets(gamma).numpy()
-    pooled = np.var(groups[0], axis=0) * 50 / 51  # the singleton adds no scatter
-    np.testing.assert_allclose(np.diag(T[1]), pooled / 2, rtol=1e-10)
-    np.testing.assert_allclose(np.diag(T[0]), (50 * np.var(groups[0], axis=0) + pooled) / 51,
-                               rtol=1e-10)
 
 
 def test_prior_keeps_a_deep_fit_on_few_samples_sane():

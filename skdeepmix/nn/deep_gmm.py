@@ -1033,13 +1033,10 @@ def prior_targets(gamma):
     """Prior targets: each path's own variances with the pooled correlations.
 
     With ``n_p`` samples, sum ``s_p`` and scatter ``S_p`` on path ``p``, the
-    within-path scatter is ``C_p = S_p - s_p s_p^T / n_p``, the pooled
-    within-path covariance ``B = sum_p C_p / sum_p n_p``, with correlations
-    ``R = diag(B)^-1/2 B diag(B)^-1/2``, and the path's variances
-    ``v_p = (diag(C_p) + diag(B)) / (n_p + 1)``: its own, with one
-    pseudo-sample of the pooled ones (so that a path of one or two samples,
-    whose own variances are zero or nearly, still gets a broad prior instead
-    of collapsing onto its samples). The target of path ``p`` is
+    within-path scatter is ``C_p = S_p - s_p s_p^T / n_p``, the path's
+    variances ``v_p = diag(C_p) / n_p`` and the pooled within-path covariance
+    ``B = sum_p C_p / sum_p n_p``, with correlations
+    ``R = diag(B)^-1/2 B diag(B)^-1/2``. The target of path ``p`` is
 
         ``T_p = diag(v_p)^1/2 R diag(v_p)^1/2``,
 
@@ -1084,9 +1081,7 @@ def prior_targets(gamma):
     scale = torch.where(reliable, B.clamp_min(tiny).rsqrt(), torch.zeros_like(B))
     R = scale[:, None] * pooled * scale[None, :]
     R.diagonal().fill_(1.0)
-    total = counts.sum().clamp_min(tiny)
-    v = ((torch.diagonal(within, dim1=-2, dim2=-1) + B.clamp_min(0.0) / total)
-         / (counts + 1.0)[:, None]).clamp_min(0.0)
+    v = (torch.diagonal(within, dim1=-2, dim2=-1) / n[..., 0]).clamp_min(0.0)
     sd = v.sqrt() * (counts > 0)[:, None]
     return sd.unsqueeze(-1) * R * sd.unsqueeze(-2)
 
