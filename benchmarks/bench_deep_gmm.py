@@ -107,7 +107,7 @@ def run_bsds(args):
                model._n_parameters(), model, wall, cpu, model.n_iter_)
     for sizes in args.deep:
         model = DeepGMMEstimator(sizes, random_state=0, max_iter=args.deep_max_iter,
-                                 device="cpu", dtype=args.dtype)
+                                 prior_count=args.prior_count, device="cpu", dtype=args.dtype)
         wall, cpu = timed_fit(model, Xtr)
         record(f"DeepGMMEstimator(n_components={sizes}) [{len(sizes)} layers, "
                f"{model.n_paths_} paths, {model._path_search()} E-step]",
@@ -134,14 +134,16 @@ def run_ablation(args):
         f"Produced by `python benchmarks/bench_deep_gmm.py {' '.join(sys.argv[1:])}`; "
         f"n_components={sizes}, {args.n_train} train / {args.n_test} test patches (same "
         f"seeds as deep_gmm.md), max_iter={args.deep_max_iter}, dtype={args.dtype}, "
-        "one thread on a shared machine.",
+        f"prior_count={args.prior_count:g} (0: the paper's maximum likelihood), one thread "
+        "on a shared machine.",
         "",
         "| variant | train | **test** | fit CPU s | iterations | last switch rate |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, params in variants:
         model = DeepGMMEstimator(sizes, random_state=0, max_iter=args.deep_max_iter,
-                                 device="cpu", dtype=args.dtype, **params)
+                                 prior_count=args.prior_count, device="cpu", dtype=args.dtype,
+                                 **params)
         wall, cpu = timed_fit(model, Xtr)
         switch = model.history_[-1].get("switch_rate", float("nan"))
         row = (f"| {name} | {model.score(Xtr):.2f} | **{model.score(Xte):.2f}** | "
@@ -216,7 +218,8 @@ def write_table(rows, args, toy):
         f"{args.n_test} held-out patches from the train images (seed 2)",
         f"- GMMs: max_iter={args.gmm_max_iter}, tol=1e-3, k-means init, reg_covar=1e-6; "
         f"Deep GMMs: hard EM, max_iter={args.deep_max_iter}, tol=1e-3, m_step_iter=50, "
-        f"init 'kmeans', reg_covar=1e-6, dtype={args.dtype}",
+        f"init 'kmeans', reg_covar=1e-6, prior_count={args.prior_count:g} (0 "
+        f"is the paper's maximum likelihood; the default is 8), dtype={args.dtype}",
         f"- machine: {platform.processor() or platform.machine()}, torch threads "
         f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
         "the machine was shared with other jobs, so wall times are inflated — the "
@@ -302,6 +305,9 @@ def main():
     parser.add_argument("--n-test", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prior-count", type=float, default=0.0,
+                        help="DeepGMMEstimator prior_count (default 0: the paper's maximum "
+                             "likelihood; the estimator's default is 8)")
     parser.add_argument("--no-figure", action="store_true")
     parser.add_argument("--ablation", action="store_true",
                         help="compare E-step/algorithm/init variants of one deep GMM")
