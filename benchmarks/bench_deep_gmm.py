@@ -219,7 +219,8 @@ def write_table(rows, args, toy):
         f"- GMMs: max_iter={args.gmm_max_iter}, tol=1e-3, k-means init, reg_covar=1e-6; "
         f"Deep GMMs: hard EM, max_iter={args.deep_max_iter}, tol=1e-3, m_step_iter=50, "
         f"init 'kmeans', reg_covar=1e-6, prior_count={args.prior_count:g} (0 "
-        f"is the paper's maximum likelihood; the default is 8), dtype={args.dtype}",
+        f"is the paper's maximum likelihood; the default is "
+        f"{DeepGMMEstimator().prior_count:g}), dtype={args.dtype}",
         f"- machine: {platform.processor() or platform.machine()}, torch threads "
         f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
         "the machine was shared with other jobs, so wall times are inflated — the "
@@ -307,7 +308,8 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prior-count", type=float, default=0.0,
                         help="DeepGMMEstimator prior_count (default 0: the paper's maximum "
-                             "likelihood; the estimator's default is 8)")
+                             f"likelihood; the estimator's default is "
+                             f"{DeepGMMEstimator().prior_count:g})")
     parser.add_argument("--no-figure", action="store_true")
     parser.add_argument("--ablation", action="store_true",
                         help="compare E-step/algorithm/init variants of one deep GMM")

@@ -240,7 +240,7 @@ def test_prior_scatter_is_the_data_space_scatter_of_every_path():
 
 def _m_step_after_gauge(model, G, h, X, paths, reg, prior_count):
     """Apply the gauge ``y_1 -> G y_1 + h`` between layers 0 and 1 (the same
-    model in data space), run one M-step, return the new log joint of ``X``."""
+    model in data space), run one M-step; the log joint of ``X`` before and after."""
     with torch.no_grad():
         W0, c0 = model.inv_weight[0].clone(), model.inv_bias[0].clone()
         W1, c1 = model.inv_weight[1].clone(), model.inv_bias[1].clone()
