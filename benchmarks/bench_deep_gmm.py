@@ -107,7 +107,8 @@ def run_bsds(args):
                model._n_parameters(), model, wall, cpu, model.n_iter_)
     for sizes in args.deep:
         model = DeepGMMEstimator(sizes, random_state=0, max_iter=args.deep_max_iter,
-                                 prior_count=args.prior_count, device="cpu", dtype=args.dtype)
+                                 prior_count=args.prior_count, m_step_iter=args.m_step_iter,
+                                 device="cpu", dtype=args.dtype)
         wall, cpu = timed_fit(model, Xtr)
         record(f"DeepGMMEstimator(n_components={sizes}) [{len(sizes)} layers, "
                f"{model.n_paths_} paths, {model._path_search()} E-step]",
@@ -142,8 +143,8 @@ def run_ablation(args):
     ]
     for name, params in variants:
         model = DeepGMMEstimator(sizes, random_state=0, max_iter=args.deep_max_iter,
-                                 prior_count=args.prior_count, device="cpu", dtype=args.dtype,
-                                 **params)
+                                 prior_count=args.prior_count, m_step_iter=args.m_step_iter,
+                                 device="cpu", dtype=args.dtype, **params)
         wall, cpu = timed_fit(model, Xtr)
         switch = model.history_[-1].get("switch_rate", float("nan"))
         row = (f"| {name} | {model.score(Xtr):.2f} | **{model.score(Xte):.2f}** | "
@@ -217,7 +218,7 @@ def write_table(rows, args, toy):
         f"images (seed 0), {args.n_test} test patches from the 100 test images (seed 1), "
         f"{args.n_test} held-out patches from the train images (seed 2)",
         f"- GMMs: max_iter={args.gmm_max_iter}, tol=1e-3, k-means init, reg_covar=1e-6; "
-        f"Deep GMMs: hard EM, max_iter={args.deep_max_iter}, tol=1e-3, m_step_iter=50, "
+        f"Deep GMMs: hard EM, max_iter={args.deep_max_iter}, tol=1e-3, m_step_iter={args.m_step_iter}, "
         f"init 'kmeans', reg_covar=1e-6, prior_count={args.prior_count:g} (0 "
         f"is the paper's maximum likelihood; the default is "
         f"{DeepGMMEstimator().prior_count:g}), dtype={args.dtype}",
@@ -310,6 +311,10 @@ def main():
                         help="DeepGMMEstimator prior_count (default 0: the paper's maximum "
                              f"likelihood; the estimator's default is "
                              f"{DeepGMMEstimator().prior_count:g})")
+    parser.add_argument("--m-step-iter", type=int, default=50,
+                        help="DeepGMMEstimator m_step_iter (default 50, the setting of the "
+                             "recorded runs; the estimator's default is "
+                             f"{DeepGMMEstimator().m_step_iter})")
     parser.add_argument("--no-figure", action="store_true")
     parser.add_argument("--ablation", action="store_true",
                         help="compare E-step/algorithm/init variants of one deep GMM")

@@ -63,7 +63,7 @@ class _TrainingState:
 
 @fill_doc(
     tol=1e-3,
-    max_iter=100,
+    max_iter=1000,
     tol_meaning=(
         "EM: the absolute change of the objective (mean per sample; the mean "
         "best-path log joint density for 'hard_em', the mean log-likelihood for "
@@ -95,17 +95,18 @@ class DeepGMMEstimator(BaseDeepMixture):
 
     Parameters
     ----------
-    n_components : int or tuple of int, default=(2, 2, 16)
+    n_components : int or tuple of int, default=(2, 2, 32)
         Nodes per layer, **from the data side**: ``n_components[0]`` is the
         layer next to the data (applied last when sampling),
         ``n_components[-1]`` the layer next to the latent ``z ~ N(0, I)``. An
         int ``K`` is one layer: a full-covariance GMM with ``K`` components.
         The model has ``prod(n_components)`` components (paths). The
-        default, three layers and 64 paths, was chosen with ``prior_count``
-        on validation splits of three tasks (BSDS300 patches, digits,
-        MNIST; ``benchmarks/results/defaults_deep_gmm_search_quick.md``; the
-        prior's target and ``prior_count=8`` in
-        ``benchmarks/results/defaults_deep_gmm_prior_targets.md``).
+        default, three layers and 128 paths, was chosen with ``prior_count``
+        and ``m_step_iter`` on the validation splits of four tasks (digits,
+        MNIST, MNIST-logit, BSDS300 patches) and three seeds
+        (``benchmarks/results/defaults_deep_gmm_search_seed*.md``); the
+        prior's target in
+        ``benchmarks/results/defaults_deep_gmm_prior_targets.md``.
     algorithm : {'hard_em', 'soft_em', 'adam'}, default='hard_em'
         ``'hard_em'``: the paper's algorithm (best path per sample);
         ``'soft_em'``: EM with responsibilities over all paths (monotone in the
@@ -134,7 +135,7 @@ class DeepGMMEstimator(BaseDeepMixture):
         Added to the diagonal of every path's covariance in data space, a term
         of the M-step objective that every layer sees through its outer layers
         (with one layer this is exactly a GMM's ``reg_covar``).
-    prior_count : float, default=8.0
+    prior_count : float, default=6.0
         Weight, in samples, of a conjugate (Wishart) prior on the covariance
         of every path, a maximum a posteriori fit. Its target ``T`` keeps the
         path's own per-feature variances and takes the correlations of the
@@ -150,8 +151,11 @@ class DeepGMMEstimator(BaseDeepMixture):
         paper; without the prior, paths with few samples overfit (on
         ``load_digits`` the held-out log-likelihood of a 64-path model falls
         from +65 to -4252 nats).
-    m_step_iter : int, default=50
-        L-BFGS iterations per layer and M-step.
+    m_step_iter : int, default=10
+        L-BFGS iterations per layer and M-step (warm-started from the current
+        maps). A partial M-step: ten iterations reach 97-99 % of a full
+        M-step's gain, EM takes about as many iterations, and each costs
+        half as much (``benchmarks/results/defaults_deep_gmm_search_msi_*.md``).
     learning_rate : float, default=1e-3
         Adam step size (``algorithm='adam'`` and :meth:`partial_fit`).
     batch_size : int, default=256
@@ -249,7 +253,7 @@ class DeepGMMEstimator(BaseDeepMixture):
 
     def __init__(
         self,
-        n_components=(2, 2, 16),
+        n_components=(2, 2, 32),
         *,
         algorithm="hard_em",
         path_search="auto",
@@ -258,13 +262,13 @@ class DeepGMMEstimator(BaseDeepMixture):
         init_params="kmeans",
         init_noise=0.1,
         reg_covar=1e-6,
-        prior_count=8.0,
-        m_step_iter=50,
+        prior_count=6.0,
+        m_step_iter=10,
         learning_rate=1e-3,
         batch_size=256,
         max_grad_norm=None,
         tol=1e-3,
-        max_iter=100,
+        max_iter=1000,
         n_init=1,
         random_state=None,
         warm_start=False,

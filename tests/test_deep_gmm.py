@@ -534,7 +534,8 @@ def test_partial_fit_after_a_fit_with_an_empty_path():
     # (a -inf logit was reported as a divergence for 16 of 60 seeds). On the CPU:
     # CUDA's random stream gives another initialisation.
     X = np.random.RandomState(0).uniform(size=(30, 3))
-    est = DeepGMMEstimator((2, 2), m_step_iter=10, max_iter=5, random_state=7, device="cpu")
+    est = DeepGMMEstimator((2, 2), prior_count=8.0, m_step_iter=10, max_iter=5,
+                           random_state=7, device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est.fit(X)
