@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def main(argv=None):
                     "shown), 'one thread' sets `OMP_NUM_THREADS=1`. Target: ratio <= 1.5.\n")
         f.write(f"\n## {args.label} ({date.today()}, {platform.machine()}, {os.cpu_count()} "
                 f"CPUs, {args.repeats} repeats)\n\nCommand: `python benchmarks/bench_threads.py "
-                f"--label '{args.label}'`" + (" under `../shared/tools/with_busy_core.sh`"
+                f"{shlex.join(argv if argv is not None else sys.argv[1:])}`" + (" under `../shared/tools/with_busy_core.sh`"
                                                if "busy" in args.label else "") + "\n\n")
         f.write("| estimator (defaults) | torch threads | default s | one thread s | ratio |\n")
         f.write("|---|---|---|---|---|\n")
