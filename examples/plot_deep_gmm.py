@@ -27,7 +27,7 @@ X, _ = load_digits(return_X_y=True)
 X = X / 16.0 + np.random.default_rng(0).uniform(0, 1 / 16.0, X.shape)  # dequantised
 X_train, X_test = train_test_split(X, test_size=0.3, random_state=0)
 
-deep = DeepGMMEstimator(n_components=(3, 8), reg_covar=1e-3, max_iter=30, random_state=0)
+deep = DeepGMMEstimator(n_components=(3, 8), reg_covar=1e-3, random_state=0)
 deep.fit(X_train)
 n_params = deep._n_parameters()
 
@@ -42,9 +42,12 @@ print(f"GMM, K={K}: {K} components, {gmm._n_parameters()} parameters, "
       f"test log-likelihood {gmm.score(X_test):.2f}")
 
 # %%
-# With only 1,257 training images of 64 pixels, the tied components do not help
-# here: the deep model's advantage shows on large sets of natural-image patches
-# (see the user guide).
+# On these 1,257 training images the deep model scores about 2 nats above the GMM
+# with as many parameters (57.9 against 56.1 when this was written). Its prior
+# (``prior_count``) matters here: at the paper's maximum likelihood
+# (``prior_count=0``) the same model scores about 53, below the GMM, since 24 paths
+# share 1,257 images. On large sets of natural-image patches it wins without a
+# prior (see the user guide).
 #
 # The equivalent shallow mixture
 # ------------------------------
