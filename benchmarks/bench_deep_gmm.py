@@ -218,7 +218,8 @@ def write_table(rows, args, toy):
         f"images (seed 0), {args.n_test} test patches from the 100 test images (seed 1), "
         f"{args.n_test} held-out patches from the train images (seed 2)",
         f"- GMMs: max_iter={args.gmm_max_iter}, tol=1e-3, k-means init, reg_covar=1e-6; "
-        f"Deep GMMs: hard EM, max_iter={args.deep_max_iter}, tol=1e-3, m_step_iter={args.m_step_iter}, "
+        f"Deep GMMs: hard EM, max_iter={args.deep_max_iter}, tol=1e-3, "
+        f"m_step_iter={args.m_step_iter}, "
         f"init 'kmeans', reg_covar=1e-6, prior_count={args.prior_count:g} (0 "
         f"is the paper's maximum likelihood; the default is "
         f"{DeepGMMEstimator().prior_count:g}), dtype={args.dtype}",

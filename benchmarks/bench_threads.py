@@ -85,10 +85,11 @@ def main(argv=None):
                     "Each fit runs in a fresh process; median of the repeats, interleaved. "
                     "'default' is the environment as it is (torch's default thread count "
                     "shown), 'one thread' sets `OMP_NUM_THREADS=1`. Target: ratio <= 1.5.\n")
+        command = shlex.join(argv if argv is not None else sys.argv[1:])
+        busy = " under `../shared/tools/with_busy_core.sh`" if "busy" in args.label else ""
         f.write(f"\n## {args.label} ({date.today()}, {platform.machine()}, {os.cpu_count()} "
                 f"CPUs, {args.repeats} repeats)\n\nCommand: `python benchmarks/bench_threads.py "
-                f"{shlex.join(argv if argv is not None else sys.argv[1:])}`" + (" under `../shared/tools/with_busy_core.sh`"
-                                               if "busy" in args.label else "") + "\n\n")
+                f"{command}`{busy}\n\n")
         f.write("| estimator (defaults) | torch threads | default s | one thread s | ratio |\n")
         f.write("|---|---|---|---|---|\n")
         for spec, threads, d, s, ratio in rows:
