@@ -165,7 +165,7 @@ SEARCH = [
     {"n_components": (2, 2, 32), "prior_count": 6.0, "m_step_iter": 10},
     {"n_components": (2, 2, 32), "prior_count": 8.0, "m_step_iter": 10},
 ]
-#: the defaults' parameters that the searches vary (named in the reports)
+#: the defaults named in the reports: those the searches vary, and max_iter
 SEARCHED = ("n_components", "prior_count", "m_step_iter", "max_iter")
 
 
