@@ -100,9 +100,11 @@ class GMVAEDPGMM(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseDeepMixt
         coarsened posterior keeps the Occam penalty of ``dp_sample_size``
         samples whatever ``n_samples`` is, so the number of clusters does
         not grow with the data. Smaller values give fewer, coarser clusters:
-        on 10 000 MNIST digits (10 classes) 1000 finds about 11 clusters,
-        2000 about 18; on the digits data set 1000 finds 9-10 and 500
-        finds 7 (``benchmarks/results/defaults_gmvae_dpgmm.md``).
+        on 10 000 MNIST digits (10 classes) 1000 finds 11-13 clusters,
+        500 finds 5 and 2000 about 18; on the digits data set 1000 finds
+        8-10 and 500 finds 7. On MNIST's classes 0-4 alone 1000 still
+        finds 8-11: the sub-styles of a digit are clusters at that
+        granularity (``benchmarks/results/defaults_gmvae_dpgmm.md``).
     encoder_sizes : tuple of int, default=(500, 500)
         Hidden layer sizes of the encoder MLP.
     decoder_sizes : tuple of int or None, default=None

@@ -315,7 +315,7 @@ def test_any_data_scale_trains_like_unit_scale(scale):
 
 def test_default_fit_on_digits_converges_to_about_ten_clusters():
     """The defaults (truncation 30): no ConvergenceWarning, and a cluster count
-    near the 10 classes (benchmarks/validate_gmvae_dpgmm.py has the 3 data sets x 3 seeds)."""
+    near the 10 classes (benchmarks/validate_gmvae_dpgmm.py has the 4 data sets x 3 seeds)."""
     from sklearn.datasets import load_digits
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import normalized_mutual_info_score
