@@ -171,7 +171,7 @@ def report(jsonl, out):
         "(negative: its own objective keeps every cluster; see `best_merge`). "
         "`defaults` rows are the defaults of the final code; "
         "`tuned (exploration, ...)` rows are the runs made while choosing them (on the code "
-        "of the commit named, whose defaults differed: their params are given in full); "
+        "of the commit named; the params are those given on top of that code's defaults); "
         "the baseline is `PCA(50)` + `GaussianMixture(K true, 'full')` on the same split, "
         "told the number of classes.",
         "",
