@@ -104,12 +104,11 @@ def best_merge(est, X_fit):
     prior = est.prior_
     X = torch.as_tensor(X_fit, dtype=prior.means.dtype)
     m, v, _ = est._encode(X, "the merge test")
-    tiny = torch.finfo(m.dtype).tiny
 
     def bound(resp):
         merged_prior = copy.deepcopy(prior)
         merged_prior.update(m, resp, v)
-        return float(merged_prior.lower_bound(resp.clamp_min(tiny).log()))
+        return float(merged_prior.lower_bound(resp.log()))  # it counts 0 log 0 as 0
 
     with torch.no_grad():
         resp = prior.log_resp(m, v)[1].exp()
